@@ -1,0 +1,22 @@
+# notbugs: "Adversarial Examples Are Not Bugs, They Are Features", as a pipeline.
+# Stages: data -> train (sources) -> construct -> train (targets) -> evaluate -> plot.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/construct.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/plot.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

@@ -1,0 +1,215 @@
+"""Batched attacks in pixel space: PGD (L2, L∞, targeted or not) and representation inversion.
+
+An attack is a *threat model* (``init / step / project``) driven by a loss; threat models
+compose with any loss, which is how PGD and inversion share one loop (:func:`descend`).
+
+Attacks never compute parameter gradients and leave the model's train/eval mode and
+``requires_grad`` flags exactly as they found them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TINY = 1e-12
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm, shaped to broadcast against the batch."""
+    return t.flatten(1).norm(dim=1).clamp_min(_TINY).view(-1, *([1] * (t.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class L2Ball:
+    """‖δ‖₂ ≤ eps; steps move ``step_size`` along the L2-normalised gradient."""
+
+    eps: float
+    step_size: float
+
+    def init(self, x: torch.Tensor, random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if not random_start:
+            return torch.zeros_like(x)
+        direction = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+        radius = torch.rand((len(x),) + (1,) * (x.dim() - 1), generator=generator, device="cpu").to(x)
+        return direction / _flat_norm(direction) * radius * self.eps
+
+    def step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return delta - self.step_size * grad / _flat_norm(grad)
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        delta = delta * torch.clamp(self.eps / _flat_norm(delta), max=1.0)
+        return (x + delta).clamp(0, 1) - x
+
+
+@dataclass(frozen=True)
+class LinfBall:
+    """‖δ‖∞ ≤ eps; signed-gradient steps."""
+
+    eps: float
+    step_size: float
+
+    def init(self, x: torch.Tensor, random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
+        if not random_start:
+            return torch.zeros_like(x)
+        u = torch.rand(x.shape, generator=generator, device="cpu").to(x)
+        return (2 * u - 1) * self.eps
+
+    def step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return delta - self.step_size * grad.sign()
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        delta = delta.clamp(-self.eps, self.eps)
+        return (x + delta).clamp(0, 1) - x
+
+
+@dataclass(frozen=True)
+class UnboundedL2:
+    """No ball, only the [0,1] box: the threat model of representation inversion."""
+
+    step_size: float
+
+    def init(self, x: torch.Tensor, random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return delta - self.step_size * grad / _flat_norm(grad)
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return (x + delta).clamp(0, 1) - x
+
+
+THREAT_MODELS = {"l2": L2Ball, "linf": LinfBall}
+
+
+def threat_model(norm: str, eps: float, step_size: float) -> L2Ball | LinfBall:
+    if norm not in THREAT_MODELS:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(THREAT_MODELS)}")
+    return THREAT_MODELS[norm](eps, step_size)
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients for the duration; restores both flags after
+    (per submodule, so e.g. BatchNorm layers frozen in eval inside a training model stay so)."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, was_training in modes:
+            m.training = was_training
+
+
+# A loss maps the perturbed batch to one loss value per example, to be *minimised*.
+PerExampleLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def descend(x: torch.Tensor, loss_fn: PerExampleLoss, threat, steps: int, *, random_start: bool = False,
+            keep_best: bool = False, generator: torch.Generator | None = None, step_decay: str = "none"
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected descent of ``loss_fn`` from ``x`` under ``threat``. Returns (x_adv, loss per example).
+
+    With ``keep_best`` the lowest-loss iterate of each example is returned, otherwise the last.
+    ``step_decay="linear"`` shrinks the step size linearly to zero over the run.
+    """
+    delta = threat.project(x, threat.init(x, random_start, generator))
+    best_delta, best_loss = delta.detach().clone(), None
+    base_threat = threat
+    for i in range(steps):
+        if step_decay == "linear":
+            threat = dataclasses.replace(base_threat, step_size=base_threat.step_size * (1 - i / steps))
+        delta.requires_grad_(True)
+        loss = loss_fn(x + delta)
+        grad, = torch.autograd.grad(loss.sum(), delta)
+        with torch.no_grad():
+            if keep_best:
+                best_loss, best_delta = _keep_lower(best_loss, best_delta, loss.detach(), delta.detach())
+            delta = threat.project(x, threat.step(delta.detach(), grad))
+    with torch.no_grad():
+        final_loss = loss_fn(x + delta)
+        if keep_best:
+            best_loss, best_delta = _keep_lower(best_loss, best_delta, final_loss, delta)
+            return (x + best_delta).detach(), best_loss
+        return (x + delta).detach(), final_loss
+
+
+def _keep_lower(best_loss, best_delta, loss, delta):
+    if best_loss is None:
+        return loss.clone(), delta.clone()
+    better = loss < best_loss
+    best_delta[better] = delta[better]
+    best_loss = torch.where(better, loss, best_loss)
+    return best_loss, best_delta
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor
+    loss: torch.Tensor           # cross-entropy towards the target (targeted) or the label
+    perturbation_norm: torch.Tensor  # L2 norm of x_adv - x
+    success: torch.Tensor        # targeted: prediction == target; untargeted: prediction != label
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, step_size: float,
+        norm: str = "l2", targeted: bool = False, random_start: bool = False, restarts: int = 1,
+        keep_best: bool = False, generator: torch.Generator | None = None) -> AttackResult:
+    """Projected gradient descent. Targeted: ``y`` is the target class and the attack minimises
+    its cross-entropy; untargeted: ``y`` is the true label and the attack maximises it.
+    With ``restarts`` > 1 (which needs a random start to differ) each example keeps its
+    most successful run."""
+    threat = threat_model(norm, eps, step_size)
+    sign = 1.0 if targeted else -1.0
+    with frozen(model):
+        def loss_fn(z):
+            return sign * F.cross_entropy(model(z), y, reduction="none")
+
+        best_x, best_loss = None, None
+        for _ in range(max(1, restarts)):
+            x_adv, loss = descend(x, loss_fn, threat, steps, random_start=random_start,
+                                  keep_best=keep_best, generator=generator)
+            if best_x is None:
+                best_x, best_loss = x_adv, loss
+            else:
+                better = loss < best_loss
+                best_x[better], best_loss = x_adv[better], torch.where(better, loss, best_loss)
+        with torch.no_grad():
+            pred = model(best_x).argmax(1)
+    success = pred == y if targeted else pred != y
+    return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success)
+
+
+@dataclass
+class InversionResult:
+    x_inv: torch.Tensor
+    loss: torch.Tensor            # ‖g(z) − g(x)‖ / ‖g(x)‖ at the end
+    perturbation_norm: torch.Tensor  # ‖z − start‖₂
+    reached: torch.Tensor         # loss ≤ tolerance
+
+
+def invert(model: nn.Module, start: torch.Tensor, target: torch.Tensor, *, steps: int, step_size: float,
+           tolerance: float = 0.1, keep_best: bool = True, step_decay: str = "none") -> InversionResult:
+    """Find z in [0,1]^d, starting at ``start``, whose representation matches ``target``'s:
+    minimise ‖g(z) − g(target)‖₂ / ‖g(target)‖₂ with L2-normalised steps (no ε-ball)."""
+    with frozen(model):
+        with torch.no_grad():
+            goal = model.features(target)
+            goal_norm = goal.norm(dim=1).clamp_min(_TINY)
+
+        def loss_fn(z):
+            return (model.features(z) - goal).norm(dim=1) / goal_norm
+
+        z, loss = descend(start, loss_fn, UnboundedL2(step_size), steps, keep_best=keep_best,
+                          step_decay=step_decay)
+    return InversionResult(z, loss, (z - start).flatten(1).norm(dim=1), loss <= tolerance)

@@ -1,0 +1,70 @@
+"""The ``notbugs`` command: ``notbugs inspect FILE.h5 [--grid out.png]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from notbugs import hdf5
+
+
+def describe(path: str) -> str:
+    """Datasets, shapes, dtypes, provenance attributes and a class histogram of an artifact."""
+    lines = [f"{path}"]
+    with hdf5.open_artifact(path) as art:
+        attrs = art.attrs
+        lines.append(f"  kind: {art.kind}   format version: {attrs['format_version']}   "
+                     f"notbugs {attrs['notbugs_version']}   created {attrs['created']}")
+        lines.append(f"  source: {attrs['source']}")
+        lines.append(f"  seed: {attrs['seed']}")
+        extra = {k: v for k, v in attrs.items()
+                 if k not in {"format", "format_version", "kind", "notbugs_version", "created", "source", "seed", "config"}}
+        for key, value in sorted(extra.items()):
+            lines.append(f"  {key}: {value}")
+        lines.append(f"  config: {attrs['config']}")
+        names = art.class_names
+        for split_name in art.splits:
+            split = art.split(split_name)
+            lines.append(f"  /{split_name}  ({len(split)} rows)")
+            for column in split.columns:
+                ds = split[column]
+                lines.append(f"    {column:<20} {str(ds.shape):<22} {ds.dtype}")
+            counts = np.bincount(split.labels, minlength=len(names))
+            hist = ", ".join(f"{name} {count}" for name, count in zip(names, counts))
+            lines.append(f"    class histogram: {hist}")
+    return "\n".join(lines)
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    print(describe(args.file))
+    if args.grid:
+        from notbugs import plots
+        with hdf5.open_artifact(args.file) as art:
+            split = art.split(args.split or art.splits[0])
+            n = min(args.n, len(split))
+            plots.inspect_grid(split.images[:n], split.labels[:n], art.class_names, args.grid, n=n)
+        print(f"grid of {n} images written to {args.grid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="notbugs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="describe an HDF5 artifact and optionally save an image grid")
+    p.add_argument("file")
+    p.add_argument("--grid", metavar="PNG", help="save a labelled image grid here")
+    p.add_argument("--split", help="split to show in the grid (default: the first)")
+    p.add_argument("-n", type=int, default=32, help="images in the grid (default 32)")
+    p.set_defaults(func=inspect_command)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except hdf5.ArtifactError as exc:
+        print(f"notbugs: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Stage 3, construct: the paper's training sets, built from a source model's view of the data.
+
+Methods (``method`` in a construction's config):
+
+- ``inversion`` (D_R through a robust source, D_NR through a standard one): for each training
+  pair (x, y) start from another randomly drawn training image (or from noise 0.5 + N(0,1)/20)
+  and minimise ‖g(z) − g(x)‖₂/‖g(x)‖₂ with normalised L2 steps; label y.
+- ``pgd`` (D_rand, D_det, D_other): targeted L2 PGD from δ=0 towards t inside ‖δ‖₂ ≤ ε,
+  normalised steps, projection and clamp, keeping the lowest-loss iterate; label t.
+- ``leakage`` (control, no model): add a fixed random pattern of norm ε keyed to t; label t.
+
+Targets ``t``: ``random`` (uniform over all classes, so t = y about 1/C of the time),
+``next`` (t = (y+1) mod C) or ``other`` (t = y + U{1..C−1}, never the true label).
+
+Construction streams the data in chunks and appends each finished chunk to a ``.partial``
+HDF5 file, so memory does not grow with the dataset and a killed job resumes at the last
+finished chunk. Images are float32: uint8 rounding would erase the non-robust perturbation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from notbugs import attacks, hdf5
+from notbugs.models import file_sha256, load_model
+from notbugs.train import to_float
+
+log = logging.getLogger(__name__)
+
+TARGET_SCHEMES = ("random", "next", "other")
+
+
+def choose_targets(scheme: str, labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    if scheme == "random":
+        return rng.integers(0, n_classes, size=len(labels)).astype(np.int64)
+    if scheme == "next":
+        return (labels + 1) % n_classes
+    if scheme == "other":
+        return (labels + rng.integers(1, n_classes, size=len(labels))) % n_classes
+    raise ValueError(f"unknown target scheme {scheme!r}; expected one of {TARGET_SCHEMES}")
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point: every image starts from *another* image."""
+    if n < 2:
+        raise ValueError("inversion from another image needs at least two training images")
+    perm = rng.permutation(n)
+    for i in np.flatnonzero(perm == np.arange(n)):
+        j = (i + 1) % n
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0x1EA4])
+    patterns = rng.standard_normal((n_classes,) + tuple(shape)).astype(np.float32)
+    norms = np.linalg.norm(patterns.reshape(n_classes, -1), axis=1).reshape(-1, *([1] * len(shape)))
+    return patterns / norms * eps
+
+
+def _read_rows(dataset, rows: np.ndarray) -> np.ndarray:
+    order = np.argsort(rows)
+    out = np.empty((len(rows),) + dataset.shape[1:], dtype=dataset.dtype)
+    out[order] = dataset[rows[order]]
+    return out
+
+
+def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
+    return {
+        "images": hdf5.ColumnSpec(image_shape, "float32"),
+        "labels": hdf5.ColumnSpec((), "int64"),
+        "orig_index": hdf5.ColumnSpec((), "int64"),
+        "orig_label": hdf5.ColumnSpec((), "int64"),
+        "loss": hdf5.ColumnSpec((), "float32"),
+        "perturbation_norm": hdf5.ColumnSpec((), "float32"),
+        "target_reached": hdf5.ColumnSpec((), "bool"),
+    }
+
+
+def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoint: str | Path | None,
+              output: str | Path, seed: int, device: torch.device, chunk_size: int = 512) -> Path:
+    """Build construction ``name`` into ``output`` (resuming a matching ``.partial`` file)."""
+    method = cfg["method"]
+    source_sha = file_sha256(source_checkpoint) if method != "leakage" else None
+    model = None
+    if method != "leakage":
+        model, _ = load_model(source_checkpoint, device=device)
+        model = model.to(memory_format=torch.channels_last)
+
+    with hdf5.open_artifact(data_path, kind="data") as data:
+        train = data.split("train")
+        class_names = data.class_names
+        n, n_classes = len(train), len(class_names)
+        image_shape = tuple(train.images.shape[1:])
+        labels = train.labels
+        rng = np.random.default_rng([seed, 0xC0257])
+        targets = choose_targets(cfg["target"], labels, n_classes, rng) if method != "inversion" else labels
+        starts = derangement(n, rng) if method == "inversion" and cfg["start"] == "image" else None
+
+        fingerprint = json.dumps({"cfg": cfg, "seed": seed, "chunk": chunk_size, "source": source_sha,
+                                  "data": file_sha256(data_path)}, sort_keys=True)
+        writer = hdf5.ChunkedWriter(output, n, _columns(image_shape), fingerprint)
+        if writer.rows_done:
+            log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
+        bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
+        try:
+            for lo, chunk in train.iter_chunks(chunk_size, start=writer.rows_done):
+                hi = lo + len(chunk["labels"])
+                x = to_float(torch.from_numpy(chunk["images"])).to(device)
+                t = torch.from_numpy(targets[lo:hi]).to(device)
+                if method == "pgd":
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + lo)
+                    res = attacks.pgd(model, x, t, eps=cfg["eps"], steps=cfg["steps"], step_size=cfg["step_size"],
+                                      norm="l2", targeted=True, keep_best=cfg["keep_best"], generator=gen)
+                    x_new, loss, reached = res.x_adv, res.loss, res.success
+                    moved = res.perturbation_norm
+                elif method == "inversion":
+                    if starts is not None:
+                        start = to_float(torch.from_numpy(_read_rows(train.images, starts[lo:hi]))).to(device)
+                    else:
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + lo)
+                        start = (0.5 + torch.randn(x.shape, generator=gen) / 20).clamp(0, 1).to(device)
+                    res = attacks.invert(model, start, x, steps=cfg["steps"], step_size=cfg["step_size"],
+                                         tolerance=cfg["tolerance"], step_decay=cfg["step_decay"])
+                    x_new, loss, reached, moved = res.x_inv, res.loss, res.reached, res.perturbation_norm
+                elif method == "leakage":
+                    patterns = torch.from_numpy(leakage_patterns(n_classes, image_shape, cfg["eps"], seed)).to(device)
+                    x_new = (x + patterns[t]).clamp(0, 1)
+                    moved = (x_new - x).flatten(1).norm(dim=1)
+                    loss = torch.full((len(t),), float("nan"), device=device)
+                    reached = torch.zeros(len(t), dtype=torch.bool, device=device)
+                else:
+                    raise ValueError(f"construction {name}: unknown method {method!r}")
+                writer.append({
+                    "images": x_new.float().cpu().numpy(),
+                    "labels": targets[lo:hi],
+                    "orig_index": np.arange(lo, hi, dtype=np.int64),
+                    "orig_label": labels[lo:hi],
+                    "loss": loss.float().cpu().numpy(),
+                    "perturbation_norm": moved.float().cpu().numpy(),
+                    "target_reached": reached.cpu().numpy(),
+                })
+                bar.update(hi - lo)
+                log.info("%s: %d/%d rows done", name, hi, n)
+            bar.close()
+            reached_all = writer.read_column("target_reached")
+            norms = writer.read_column("perturbation_norm")
+            summary = {
+                "method": method,
+                "attack": json.dumps(dict(cfg)),
+                "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
+                "source_sha256": source_sha or "",
+                "success_rate": float(reached_all.mean()) if method != "leakage" else float("nan"),
+                "mean_perturbation_norm": float(norms.mean()),
+                "max_perturbation_norm": float(norms.max()),
+                "label_equals_orig_rate": float((targets == labels).mean()),
+            }
+            log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
+            return writer.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
+                                 seed=seed, source=f"{method} construction {name!r}", extra_attrs=summary)
+        finally:
+            writer.close()

@@ -1,0 +1,308 @@
+"""Stage 6, plots: Figure 2, Table 1 as bars, constructed-image grids and training curves.
+
+Every figure is written twice: the given ``.png`` (200 dpi) and a ``.pdf`` with the same stem.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import textwrap
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# Okabe-Ito: distinguishable under the common forms of colour blindness.
+OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+FIGURE2_LABELS = {
+    "standard_on_d": "Std training on D",
+    "adversarial_on_d": "Adv training on D",
+    "standard_on_d_r": "Std training on D_R",
+    "standard_on_d_nr": "Std training on D_NR",
+}
+TRAIN_SET_LABELS = {
+    "d": "D", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
+    "d_leak_rand": "D_leak(rand)", "d_leak_det": "D_leak(det)",
+}
+# Reference markers: solid for numbers from the paper, dashed for numbers from a replication.
+REFERENCE_STYLES = {"paper": "-", "replication": (0, (1.5, 1))}
+DPI = 200
+_STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "figure.titlesize": 11,
+    "axes.spines.top": False, "axes.spines.right": False,
+    "pdf.fonttype": 42,  # embed TrueType, not Type 3: journals ask for it and text stays editable
+}
+
+PathLike = str | os.PathLike
+
+
+def _styled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(_STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _save(fig: plt.Figure, out_png: PathLike) -> None:
+    """Write ``out_png`` and its ``.pdf`` sibling, then close ``fig``."""
+    try:
+        out_png = Path(out_png)
+        if out_png.suffix.lower() != ".png":
+            raise ValueError(f"expected a .png output path, got {out_png}")
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=DPI)
+        fig.savefig(out_png.with_suffix(".pdf"))
+    finally:
+        plt.close(fig)
+
+
+def _no_data(out_png: PathLike, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3), layout="constrained")
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=14, color="0.4", transform=ax.transAxes)
+    ax.set_title(title)
+    _save(fig, out_png)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if np.isnan(v) else f"{v:.1f}"
+
+
+def _column(table: pd.DataFrame, name: str) -> np.ndarray:
+    """A float column, all-NaN if absent."""
+    return table[name].to_numpy(float) if name in table else np.full(len(table), np.nan)
+
+
+def _reference_kind(origin) -> str:
+    """'paper', 'replication' or 'reference' for an origin such as 'paper (approx.)'."""
+    origin = "" if pd.isna(origin) else str(origin).lower()
+    return next((k for k in REFERENCE_STYLES if k in origin), "reference")
+
+
+def _bars_with_references(ax, x, heights, refs, width, color, label, ref_kinds) -> None:
+    """Bars with value labels and black reference markers (``refs``, NaN = none) across each bar."""
+    ax.bar(x, np.nan_to_num(heights), width, color=color, label=label, zorder=2)
+    for xi, h, ref, kind in zip(x, heights, refs, ref_kinds):
+        if not np.isnan(ref):
+            ax.hlines(ref, xi - width / 2, xi + width / 2, colors="k", lw=2.2, zorder=3,
+                      linestyles=REFERENCE_STYLES.get(kind, "-"))
+        # Above both the bar and its marker, so the two never collide.
+        top = np.nanmax([0.0 if np.isnan(h) else h, ref])
+        ax.text(xi, top + 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, zorder=4)
+
+
+def _percent_axis(ax, ylabel: str) -> None:
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(ylabel)
+    ax.yaxis.grid(True, color="0.9", zorder=0)
+    ax.set_axisbelow(True)
+
+
+@_styled
+def figure2(table: pd.DataFrame, out_png: PathLike) -> None:
+    """The paper's Figure 2: standard and robust test accuracy per training setup."""
+    title = "Figure 2: standard and robust accuracy on the original test set"
+    if table.empty:
+        return _no_data(out_png, title)
+    n = len(table)
+    x = np.arange(n)
+    width = 0.38
+    eps = ", ".join(f"{e:g}" for e in pd.unique(table["eps"].dropna())) if "eps" in table else ""
+    kinds = ["paper"] * n  # every Figure 2 reference is drawn as "paper", including "paper (approx.)"
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.5 * n + 1.5), 4.2), layout="constrained")
+    _bars_with_references(ax, x - width / 2, _column(table, "std_acc"), _column(table, "paper_std_acc"),
+                          width, OKABE_ITO[0], "standard accuracy", kinds)
+    _bars_with_references(ax, x + width / 2, _column(table, "robust_acc"), _column(table, "paper_robust_acc"),
+                          width, OKABE_ITO[1], f"robust accuracy (ε = {eps})" if eps else "robust accuracy", kinds)
+    ax.set_xticks(x, [textwrap.fill(FIGURE2_LABELS.get(lbl, str(lbl)), 14) for lbl in table["label"]])
+    _percent_axis(ax, "accuracy on the original test set (%)")
+    ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    if np.isfinite(_column(table, "paper_std_acc")).any() or np.isfinite(_column(table, "paper_robust_acc")).any():
+        handles.append(Line2D([], [], color="k", lw=2.2))
+        labels.append("paper")
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
+    _save(fig, out_png)
+
+
+@_styled
+def table1(table: pd.DataFrame, out_png: PathLike) -> None:
+    """Table 1 as bars: accuracy on the original test set of models trained on each constructed set."""
+    title = "Table 1: training on constructed data, testing on the original test set"
+    if table.empty:
+        return _no_data(out_png, title)
+    sets = list(pd.unique(table["train_set"]))
+    archs = list(pd.unique(table["arch"]))
+    width = 0.8 / len(archs)
+    x = np.array([sets.index(s) + (archs.index(a) - (len(archs) - 1) / 2) * width
+                  for s, a in zip(table["train_set"], table["arch"])])
+    colors = [OKABE_ITO[archs.index(a) % len(OKABE_ITO)] for a in table["arch"]]
+    kinds = [_reference_kind(o) for o in table.get("paper_origin", [""] * len(table))]
+
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.55 * len(table) + 0.9 * len(sets) + 1.5), 4.4),
+                           layout="constrained")
+    _bars_with_references(ax, x, _column(table, "test_acc"), _column(table, "paper_test_acc"),
+                          width * 0.92, colors, None, kinds)
+    ticks = []
+    for s in sets:
+        rate = _column(table[table["train_set"] == s], "construction_success_rate")
+        rate = rate[np.isfinite(rate)]
+        name = TRAIN_SET_LABELS.get(s, str(s))
+        ticks.append(f"{name}\n(attack success {rate[0]:.0f}%)" if len(rate) else name)
+    ax.set_xticks(range(len(sets)), ticks)
+    _percent_axis(ax, "test accuracy on the original test set (%)")
+
+    handles, labels = [], []
+    if len(archs) > 1:
+        handles += [Patch(color=OKABE_ITO[i % len(OKABE_ITO)]) for i in range(len(archs))]
+        labels += [str(a) for a in archs]
+    chance = _column(table, "chance")
+    if np.isfinite(chance).any():
+        c = chance[np.isfinite(chance)][0]
+        handles.append(ax.axhline(c, color="0.35", ls="--", lw=1, zorder=1))
+        labels.append(f"chance ({c:.3g}%)")
+    has_ref = np.isfinite(_column(table, "paper_test_acc"))
+    for kind in dict.fromkeys(k for k, r in zip(kinds, has_ref) if r):
+        handles.append(Line2D([], [], color="k", lw=2.2, ls=REFERENCE_STYLES.get(kind, "-")))
+        labels.append(kind)
+    details = [f"arch: {archs[0]}"] if len(archs) == 1 else []
+    n_test = pd.unique(table["n_test"].dropna()) if "n_test" in table else []
+    if len(n_test) == 1:
+        details.append(f"n = {int(n_test[0]):,} test images")
+    ax.set_title(title + (f"\n({', '.join(details)})" if details else ""))
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 5), frameon=False)
+    _save(fig, out_png)
+
+
+def _as_float_images(images) -> np.ndarray:
+    """N×C×H×W floats in [0, 1]; integer images are taken to be 0..255."""
+    images = np.asarray(images)
+    if images.dtype.kind in "ui":
+        return images.astype(np.float32) / 255.0
+    return images.astype(np.float32)
+
+
+def amplified_difference(original, constructed, amplify: float = 10.0) -> np.ndarray:
+    """``clip(0.5 + amplify * (constructed - original), 0, 1)``: grey where the images agree."""
+    return np.clip(0.5 + amplify * (_as_float_images(constructed) - _as_float_images(original)), 0.0, 1.0)
+
+
+def _show(ax, image: np.ndarray) -> None:
+    """Draw one C×H×W image (C = 1 or 3) without ticks or frame."""
+    image = np.clip(image, 0, 1)
+    if image.shape[0] == 1:
+        ax.imshow(image[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(image.transpose(1, 2, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _class_name(class_names: Sequence, label) -> str:
+    i = int(label)
+    name = class_names[i] if 0 <= i < len(class_names) else str(i)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+@_styled
+def image_grid(original: np.ndarray, constructed: np.ndarray, orig_labels, new_labels, class_names: list[str],
+               out_png: PathLike, amplify: float = 10.0, title: str = "") -> None:
+    """Originals, constructed images and their amplified difference, in blocks of three rows."""
+    original, constructed = _as_float_images(original), _as_float_images(constructed)
+    if original.shape != constructed.shape:
+        raise ValueError(f"original {original.shape} and constructed {constructed.shape} differ in shape")
+    n = len(original)
+    if n == 0:
+        return _no_data(out_png, title or "constructed images")
+    diff = amplified_difference(original, constructed, amplify)
+    l2 = np.sqrt(((constructed - original) ** 2).reshape(n, -1).sum(axis=1))
+    cols = min(n, 8)  # wrap wide grids into blocks so each image stays legible
+    blocks = math.ceil(n / cols)
+    fig, axes = plt.subplots(3 * blocks, cols, figsize=(1.15 * cols + 0.5, 3.9 * blocks + 0.4),
+                             layout="constrained", squeeze=False)
+    row_names = ["original", "constructed", f"difference ×{amplify:g}"]
+    for i in range(blocks * cols):
+        b, c = divmod(i, cols)
+        cells = axes[3 * b:3 * b + 3, c]
+        if i >= n:
+            for ax in cells:
+                ax.set_visible(False)
+            continue
+        for ax, img in zip(cells, (original[i], constructed[i], diff[i])):
+            _show(ax, img)
+        cells[0].set_title(_class_name(class_names, orig_labels[i]), fontsize=8)
+        cells[1].set_title(f"→ {_class_name(class_names, new_labels[i])}", fontsize=8)
+        cells[2].set_xlabel(rf"$\|\delta\|_2$ = {l2[i]:.2f}", fontsize=7.5)
+        if c == 0:
+            for ax, name in zip(cells, row_names):
+                ax.set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    _save(fig, out_png)
+
+
+@_styled
+def training_curves(logs: Mapping[str, pd.DataFrame], out_png: PathLike) -> None:
+    """Train loss and train accuracy against epoch, one line per model."""
+    title = "Training curves"
+    logs = {name: df for name, df in logs.items() if df is not None and not df.empty}
+    if not logs:
+        return _no_data(out_png, title)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained", sharex=True)
+    colors = plt.get_cmap("tab10").colors
+    styles = ["-", "--", ":", "-."]  # beyond ten models, cycle line styles as well as colours
+    for i, (name, df) in enumerate(logs.items()):
+        kw = dict(color=colors[i % 10], ls=styles[(i // 10) % len(styles)], lw=1.4,
+                  marker="o" if len(df) <= 20 else None, ms=3, label=name)
+        ax_loss.plot(df["epoch"], df["train_loss"], **kw)
+        ax_acc.plot(df["epoch"], 100 * df["train_acc"], **kw)
+    ax_loss.set_ylabel("train loss (cross-entropy, nats)")
+    ax_loss.set_title("training loss")
+    ax_acc.set_ylabel("train accuracy (%)")
+    ax_acc.set_ylim(0, 100)
+    ax_acc.set_title("training accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, color="0.9")
+    fig.suptitle(title)
+    fig.legend(*ax_loss.get_legend_handles_labels(), loc="outside lower center",
+               ncols=min(len(logs), 3), frameon=False)
+    _save(fig, out_png)
+
+
+@_styled
+def inspect_grid(images: np.ndarray, labels, class_names, out_png: PathLike, n: int = 32) -> None:
+    """The first ``n`` images, each titled with its class name."""
+    images = _as_float_images(images[:n])
+    k = len(images)
+    if k == 0:
+        return _no_data(out_png, "images")
+    cols = min(k, 8)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols + 0.3, 1.3 * rows + 0.5),
+                             layout="constrained", squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < k:
+            _show(ax, images[i])
+            ax.set_title(_class_name(class_names, labels[i]), fontsize=8)
+        else:
+            ax.set_visible(False)
+    fig.suptitle(f"first {k} images")
+    _save(fig, out_png)

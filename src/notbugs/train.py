@@ -1,0 +1,176 @@
+"""Stages 2 and 4, training: source models (standard or adversarial) and target models.
+
+One recipe for both, readable top to bottom in :func:`train`:
+SGD with momentum, a per-epoch schedule, optional crop/flip augmentation on the device,
+optional label smoothing, and optional PGD adversarial training (L2 or L∞).
+
+Determinism and resume: the model is initialised from ``seed``, and every epoch draws its
+shuffle, augmentation and attack starts from a generator seeded by (seed, epoch). The state is
+checkpointed after each epoch, so a killed run that is restarted continues from the last
+finished epoch and ends with the same weights as an uninterrupted run (on CPU). The result is
+always the *last* epoch; nothing is selected on the test set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from notbugs import attacks
+from notbugs.models import build_model, save_checkpoint
+
+log = logging.getLogger(__name__)
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "seconds"]
+
+
+def lr_at(epoch: int, cfg: Mapping) -> float:
+    """Learning rate for ``epoch`` (0-based) under the configured schedule."""
+    base, total = cfg["lr"], cfg["epochs"]
+    schedule = cfg["schedule"]
+    if schedule == "constant":
+        return base
+    if schedule == "step":
+        drops = sum(epoch >= round(m * total) for m in cfg["milestones"])
+        return base * cfg["gamma"] ** drops
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * epoch / total))
+    if schedule == "triangle":  # linear warm-up to the peak at 1/5, then linear decay to 0
+        peak = max(1, round(total / 5))
+        return base * (epoch + 1) / peak if epoch < peak else base * (total - epoch) / max(1, total - peak)
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def augment(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per example, on x's device."""
+    n, _, h, w = x.shape
+    if cfg.get("crop"):
+        pad = cfg.get("padding", 4)
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chan, rows, cols]
+    if cfg.get("flip"):
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+    return x
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def fingerprint(cfg: Mapping, seed: int, n_train: int) -> str:
+    return json.dumps({"cfg": cfg, "seed": seed, "n": n_train}, sort_keys=True, default=str)
+
+
+def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
+          cfg: Mapping, seed: int, out_dir: str | os.PathLike, device: torch.device,
+          checkpoint_config: Mapping | None = None) -> dict:
+    """Train, checkpointing each epoch into ``out_dir/checkpoints``; writes ``out_dir/model.pt``
+    and ``out_dir/train_log.csv``. Returns a summary dict."""
+    out_dir = Path(out_dir)
+    resume_path = out_dir / "checkpoints" / "last.pt"
+    fp = fingerprint({**cfg, "arch": arch}, seed, len(labels))
+
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes, mean, std).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                          weight_decay=cfg["weight_decay"], nesterov=cfg.get("nesterov", False))
+    start_epoch, history, elapsed = 0, [], 0.0
+    if resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        if state.get("fingerprint") == fp:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, history, elapsed = state["epoch"], state["history"], state["elapsed"]
+            log.info("resuming from %s after epoch %d", resume_path, start_epoch)
+        else:
+            log.info("ignoring %s: it was made with other settings", resume_path)
+
+    x_all = torch.from_numpy(images).to(device)
+    y_all = torch.from_numpy(labels).to(device)
+    adv = cfg.get("adversarial")
+    threat = attacks.threat_model(adv.get("norm", "l2"), adv["eps"], adv["step_size"]) if adv else None
+    n, bs = len(labels), cfg["batch_size"]
+    steps_per_epoch = max(1, n // bs) if cfg.get("drop_last", True) and n >= bs else math.ceil(n / bs)
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
+        order = torch.randperm(n, generator=gen).to(device)
+        model.train()
+        total_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
+                   leave=False, mininterval=1 if os.isatty(2) else 30)
+        for step in bar:
+            idx = order[step * bs:(step + 1) * bs]
+            x = augment(to_float(x_all[idx]), cfg.get("augment", {}), gen)
+            y = y_all[idx]
+            if threat is not None:
+                x = _adversarial_batch(model, x, y, threat, adv, gen)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        elapsed += time.perf_counter() - t0
+        row = dict(epoch=epoch + 1, lr=lr_at(epoch, cfg), train_loss=float(total_loss) / seen,
+                   train_acc=float(correct) / seen, seconds=round(elapsed, 3))
+        history.append(row)
+        log.info("epoch %d/%d  loss %.4f  acc %.4f  lr %.4g", row["epoch"], cfg["epochs"],
+                 row["train_loss"], row["train_acc"], row["lr"])
+        resume_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = resume_path.with_name("last.pt.partial")
+        torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
+        os.replace(tmp, resume_path)
+
+    write_log(out_dir / "train_log.csv", history)
+    save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
+                    config=dict(checkpoint_config or {}, train=dict(cfg)), epochs=cfg["epochs"],
+                    seed=seed, train_seconds=elapsed)
+    shutil.rmtree(resume_path.parent, ignore_errors=True)
+    return {"train_seconds": elapsed, "final_train_acc": history[-1]["train_acc"] if history else None}
+
+
+def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator) -> torch.Tensor:
+    def loss_fn(z):
+        return -F.cross_entropy(model(z), y, reduction="none")
+    with attacks.frozen(model):
+        x_adv, _ = attacks.descend(x, loss_fn, threat, adv["steps"], random_start=adv.get("random_start", False),
+                                   generator=gen)
+    return x_adv
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)

@@ -1,0 +1,142 @@
+"""Config validation: the repository's config.yaml, defaults, and errors that name the dotted key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from notbugs.config import ConfigError, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+CONFIG = ROOT / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw_config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+@pytest.fixture
+def config(raw_config) -> dict:
+    return copy.deepcopy(raw_config)  # validate_config mutates its argument
+
+
+def _error(config: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, SCHEMA)
+    return str(info.value)
+
+
+def test_repository_config_validates_and_gets_defaults(config, raw_config):
+    assert "momentum" not in raw_config["sources"]["standard"]["train"]
+    assert "keep_best" not in raw_config["constructions"]["d_det"]
+    out = validate_config(config, SCHEMA)
+    assert out is config  # filled in place
+    # values from config.yaml survive
+    assert config["evaluation"]["steps"] == 20
+    assert config["evaluation"]["eps"] == [0.25, 0.5]
+    assert config["dataset"]["n_train"] == 2000
+    assert config["sources"]["robust"]["train"]["adversarial"]["eps"] == 0.5
+    assert config["targets"]["train"]["epochs"] == 8
+    # schema defaults are filled at every level
+    assert config["evaluation"]["step_size_factor"] == 2.5
+    assert config["evaluation"]["restarts"] == 1
+    assert config["evaluation"]["norm"] == "l2"
+    assert config["sources"]["standard"]["train"]["momentum"] == 0.9
+    assert config["sources"]["standard"]["train"]["schedule"] == "triangle"
+    assert config["sources"]["standard"]["train"]["augment"] == {"crop": False, "padding": 4, "flip": False}
+    assert config["sources"]["standard"]["train"]["adversarial"] is None
+    assert config["constructions"]["d_det"]["keep_best"] is True
+    assert config["constructions"]["d_det"]["start"] == "image"
+    assert config["constructions"]["d_leak_det"]["steps"] == 100
+    assert config["constructions"]["d_r"]["target"] == "random"
+    assert config["dataset"]["root"] == "resources"
+    assert config["dataset"]["synthetic"]["nonrobust_norm"] == 0.1
+    assert config["targets"]["archs"] == ["small_cnn"]
+    assert config["figures"]["grid_examples"] == 8
+    assert config["chunk_size"] == 512 and config["threads"] == 1
+
+
+def test_evaluation_section_defaults_when_missing(config):
+    del config["evaluation"]
+    validate_config(config, SCHEMA)
+    assert config["evaluation"]["steps"] == 20
+    assert config["evaluation"]["eps"] == [0.25, 0.5]
+
+
+def test_load_config_does_not_touch_file_contents(raw_config, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_config))
+    loaded = load_config(path, SCHEMA)
+    assert loaded["sources"]["standard"]["train"]["momentum"] == 0.9
+    assert yaml.safe_load(path.read_text()) == raw_config
+
+
+def test_unknown_top_level_key(config):
+    config["evalution"] = {"steps": 3}
+    message = _error(config)
+    assert message.startswith("config key 'evalution':"), message
+    assert "<top level>" not in message
+
+
+def test_unknown_nested_key(config):
+    config["sources"]["standard"]["train"]["foo"] = 1
+    message = _error(config)
+    assert message.startswith("config key 'sources.standard.train.foo':"), message
+
+
+def test_wrong_type(config):
+    config["evaluation"]["steps"] = "many"
+    message = _error(config)
+    assert "evaluation.steps" in message
+    assert "integer" in message
+
+
+def test_negative_eps(config):
+    config["constructions"]["d_det"]["eps"] = -0.5
+    message = _error(config)
+    assert "constructions.d_det.eps" in message
+    assert "-0.5" in message
+
+
+def test_bad_enum_in_list_item(config):
+    config["evaluation"]["eps"] = [0.25, 0]
+    message = _error(config)
+    assert "evaluation.eps.1" in message
+
+
+def test_missing_required_section(config):
+    del config["targets"]
+    message = _error(config)
+    assert "targets" in message
+
+
+def test_construction_naming_missing_source(config):
+    config["constructions"]["d_det"]["source"] = "nonexistent"
+    message = _error(config)
+    assert "constructions.d_det.source" in message
+    assert "'nonexistent'" in message
+
+
+def test_model_construction_without_source(config):
+    del config["constructions"]["d_rand"]["source"]
+    message = _error(config)
+    assert "constructions.d_rand.source" in message
+
+
+def test_train_set_naming_missing_construction(config):
+    config["targets"]["train_sets"] = ["d", "d_r", "d_typo"]
+    message = _error(config)
+    assert "targets.train_sets.2" in message
+    assert "'d_typo'" in message
+
+
+def test_leakage_needs_no_source(config):
+    config["constructions"] = {"d_leak": {"method": "leakage"}}
+    config["targets"]["train_sets"] = ["d", "d_leak"]
+    validate_config(config, SCHEMA)
+    assert config["constructions"]["d_leak"]["eps"] == 0.5

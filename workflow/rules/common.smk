@@ -1,0 +1,64 @@
+import shutil
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from notbugs.config import ORIGINAL_SET, ConfigError, validate_config
+
+try:
+    validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+except ConfigError as exc:
+    raise WorkflowError(f"Invalid configuration: {exc}")
+
+
+DATASET = config["dataset"]["name"]
+RESULTS = f"results/{DATASET}"
+LOGS = f"logs/{DATASET}"
+SOURCES = sorted(config["sources"])
+CONSTRUCTIONS = sorted(config["constructions"])
+TRAIN_SETS = list(config["targets"]["train_sets"])
+TARGET_ARCHS = list(config["targets"]["archs"])
+
+
+def _wants_gpu():
+    device = config["device"]
+    if device.startswith("cuda"):
+        return 1
+    return int(device == "auto" and shutil.which("nvidia-smi") is not None)
+
+
+GPU = _wants_gpu()
+
+
+def model_dirs():
+    sources = [f"sources/{s}" for s in SOURCES]
+    targets = [f"targets/{t}/{a}" for t in TRAIN_SETS for a in TARGET_ARCHS]
+    return sources + targets
+
+
+def training_set_file(wildcards):
+    if wildcards.train_set == ORIGINAL_SET:
+        return f"{RESULTS}/data.h5"
+    return f"{RESULTS}/constructed/{wildcards.train_set}.h5"
+
+
+def construction_inputs(wildcards):
+    inputs = {"data": f"{RESULTS}/data.h5"}
+    source = config["constructions"][wildcards.name].get("source")
+    if config["constructions"][wildcards.name]["method"] != "leakage":
+        inputs["source"] = f"{RESULTS}/sources/{source}/model.pt"
+    return inputs
+
+
+def final_outputs():
+    figures = [f"{RESULTS}/figures/{f}.png" for f in ("figure2", "table1", "training_curves")]
+    grids = [f"{RESULTS}/figures/grids/{c}.png" for c in CONSTRUCTIONS]
+    tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2")]
+    return figures + grids + tables
+
+
+wildcard_constraints:
+    source="|".join(SOURCES) or "^$",
+    name="|".join(CONSTRUCTIONS) or "^$",
+    train_set="|".join(TRAIN_SETS) or "^$",
+    arch="[A-Za-z0-9_]+",

@@ -1,0 +1,19 @@
+rule construct:
+    input:
+        unpack(construction_inputs),
+    output:
+        f"{RESULTS}/constructed/{{name}}.h5",
+    params:
+        construction=lambda wc: config["constructions"][wc.name],
+        seed=config["seed"],
+        device=config["device"],
+        chunk_size=config["chunk_size"],
+    log:
+        f"{LOGS}/construct/{{name}}.log",
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=8000,
+        runtime=24 * 60,
+    script:
+        "../scripts/construct.py"

@@ -1,0 +1,13 @@
+rule prepare_data:
+    output:
+        f"{RESULTS}/data.h5",
+    params:
+        dataset=config["dataset"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/prepare_data.log",
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/prepare_data.py"

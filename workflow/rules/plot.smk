@@ -1,0 +1,52 @@
+rule plot_figure2:
+    input:
+        f"{RESULTS}/tables/figure2.csv",
+    output:
+        report(f"{RESULTS}/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
+        f"{RESULTS}/figures/figure2.pdf",
+    log:
+        f"{LOGS}/plot/figure2.log",
+    script:
+        "../scripts/plot.py"
+
+
+rule plot_table1:
+    input:
+        f"{RESULTS}/tables/table1.csv",
+    output:
+        report(f"{RESULTS}/figures/table1.png", caption="../report/table1.rst", category="Figures"),
+        f"{RESULTS}/figures/table1.pdf",
+    log:
+        f"{LOGS}/plot/table1.log",
+    script:
+        "../scripts/plot.py"
+
+
+rule plot_training_curves:
+    input:
+        expand(f"{RESULTS}/{{model_dir}}/train_log.csv", model_dir=model_dirs()),
+    output:
+        report(f"{RESULTS}/figures/training_curves.png", caption="../report/training_curves.rst", category="Figures"),
+        f"{RESULTS}/figures/training_curves.pdf",
+    params:
+        names=model_dirs(),
+    log:
+        f"{LOGS}/plot/training_curves.log",
+    script:
+        "../scripts/plot.py"
+
+
+rule plot_grid:
+    input:
+        constructed=f"{RESULTS}/constructed/{{name}}.h5",
+        data=f"{RESULTS}/data.h5",
+    output:
+        report(f"{RESULTS}/figures/grids/{{name}}.png", caption="../report/grid.rst", category="Constructed images", subcategory="{name}"),
+        f"{RESULTS}/figures/grids/{{name}}.pdf",
+    params:
+        examples=config["figures"]["grid_examples"],
+        amplify=config["figures"]["amplify"],
+    log:
+        f"{LOGS}/plot/grid_{{name}}.log",
+    script:
+        "../scripts/plot.py"
