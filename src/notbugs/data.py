@@ -64,7 +64,7 @@ class SyntheticSpec:
     robust_flip_prob: float = 0.3
     nonrobust_norm: float = 0.1
     background_std: float = 0.06
-    pixel_noise: float = 0.005
+    pixel_noise: float = 0.01
     tile: int = 2
     size: int = 32
     channels: int = 3

@@ -3,11 +3,11 @@
 import pandas as pd
 
 from notbugs import hdf5, plots
-from notbugs.runtime import start_job
+from notbugs.runtime import start_logging
 
 
 def main(smk):
-    start_job(smk.log[0], 1, device="cpu")
+    start_logging(smk.log[0])
     out = smk.output[0]
     if smk.rule == "plot_figure2":
         plots.figure2(pd.read_csv(smk.input[0]), out)

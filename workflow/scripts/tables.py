@@ -1,11 +1,11 @@
 """Snakemake glue for rule tables."""
 
 from notbugs.evaluate import write_tables
-from notbugs.runtime import start_job
+from notbugs.runtime import start_logging
 
 
 def main(smk):
-    start_job(smk.log[0], 1, device="cpu")
+    start_logging(smk.log[0])
     write_tables(dict(zip(smk.params.model_dirs, smk.input.metrics)),
                  dict(zip(smk.params.constructions, smk.input.constructed)),
                  smk.input.data, smk.params.figure2_rows, smk.output)
