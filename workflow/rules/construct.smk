@@ -10,6 +10,8 @@ rule construct:
         chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/construct/{{name}}.log",
+    conda:
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,

@@ -6,6 +6,8 @@ rule prepare_data:
         seed=config["seed"],
     log:
         f"{LOGS}/prepare_data.log",
+    conda:
+        "../../envs/notbugs.yaml"
     resources:
         mem_mb=8000,
         runtime=60,

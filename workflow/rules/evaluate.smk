@@ -12,6 +12,8 @@ rule evaluate:
         device=config["device"],
     log:
         f"{LOGS}/evaluate/{{model_dir}}.log",
+    conda:
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -36,5 +38,7 @@ rule tables:
         constructions=CONSTRUCTIONS,
     log:
         f"{LOGS}/tables.log",
+    conda:
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/tables.py"

@@ -6,6 +6,8 @@ rule plot_figure2:
         f"{RESULTS}/figures/figure2.pdf",
     log:
         f"{LOGS}/plot/figure2.log",
+    conda:
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -18,6 +20,8 @@ rule plot_table1:
         f"{RESULTS}/figures/table1.pdf",
     log:
         f"{LOGS}/plot/table1.log",
+    conda:
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -32,6 +36,8 @@ rule plot_training_curves:
         names=model_dirs(),
     log:
         f"{LOGS}/plot/training_curves.log",
+    conda:
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -48,5 +54,7 @@ rule plot_grid:
         amplify=config["figures"]["amplify"],
     log:
         f"{LOGS}/plot/grid_{{name}}.log",
+    conda:
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"

@@ -11,6 +11,8 @@ rule train_source:
         device=config["device"],
     log:
         f"{LOGS}/train_source/{{source}}.log",
+    conda:
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -34,6 +36,8 @@ rule train_target:
         device=config["device"],
     log:
         f"{LOGS}/train_target/{{train_set}}/{{arch}}.log",
+    conda:
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,

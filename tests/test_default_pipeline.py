@@ -1,0 +1,88 @@
+"""End to end: the README's default run reproduces the planted ground truth (issue acceptance).
+
+Runs the real default config.yaml (about 4–5 minutes on 2 cores) in a temporary directory, then
+checks the numbers in the run's own tables and reads the constructed sets with plain h5py.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from helpers import REPO
+from test_workflow import snakemake
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("default")
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    snakemake(workdir, config)
+    snakemake(workdir, config, "--report", str(workdir / "report.html"))
+    return workdir, workdir / "results" / config["dataset"]["name"]
+
+
+def test_default_run_produces_every_table_figure_and_the_report(default_run):
+    workdir, results = default_run
+    for table in ("models", "table1", "figure2"):
+        assert len(pd.read_csv(results / "tables" / f"{table}.csv")) > 0
+    for figure in ("figure2", "table1", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 5000
+    assert len(list((results / "figures" / "grids").glob("*.png"))) == 7
+    report = (workdir / "report.html").read_text()
+    assert "Figure 2 of Ilyas" in report and "Table 1 of Ilyas" in report
+
+
+def test_planted_ground_truth_is_reproduced(default_run):
+    _, results = default_run
+    models = pd.read_csv(results / "tables" / "models.csv").set_index("model")
+    rob = "robust_acc_eps0.25"
+    standard, robust = models.loc["sources/standard"], models.loc["sources/robust"]
+    assert standard.std_acc >= 95 and standard[rob] <= 20
+    assert robust[rob] >= 60
+    d_nr, d_r = models.loc["targets/d_nr/small_cnn"], models.loc["targets/d_r/small_cnn"]
+    assert d_nr.std_acc >= 70 and d_nr[rob] <= 20
+    assert d_r[rob] >= standard[rob] + 30
+    assert models.loc["targets/d_rand/small_cnn"].std_acc >= 50
+    assert models.loc["targets/d_det/small_cnn"].std_acc >= 40
+
+
+@pytest.mark.parametrize("name", ["d_rand", "d_det", "d_other"])
+def test_constructed_pgd_sets_read_with_plain_h5py(default_run, name):
+    _, results = default_run
+    with h5py.File(results / "constructed" / f"{name}.h5", "r") as f, \
+            h5py.File(results / "data.h5", "r") as d:
+        images, labels = f["train/images"][:], f["train/labels"][:]
+        orig_index, orig_label = f["train/orig_index"][:], f["train/orig_label"][:]
+        n_classes = len(f["class_names"])
+        original = d["train/images"][:][orig_index]
+        assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1
+        change = np.linalg.norm((images - original).reshape(len(images), -1), axis=1)
+        assert change.max() <= 0.5 + 1e-5
+        np.testing.assert_allclose(change, f["train/perturbation_norm"][:], atol=1e-5)
+        np.testing.assert_array_equal(orig_label, d["train/labels"][:][orig_index])
+        if name == "d_det":
+            np.testing.assert_array_equal(labels, (orig_label + 1) % n_classes)
+        if name == "d_other":
+            assert not np.any(labels == orig_label)
+        stored_rate = float(f.attrs["success_rate"])
+        source = f.attrs["source_checkpoint"]
+        sha = f.attrs["source_sha256"]
+
+    from notbugs.models import file_sha256, load_model
+    checkpoint = results.parents[1] / source
+    assert file_sha256(checkpoint) == sha
+    model, _ = load_model(checkpoint)
+    model = model.to(memory_format=torch.channels_last)
+    chunk = yaml.safe_load((REPO / "config.yaml").read_text()).get("chunk_size", 512)
+    with torch.no_grad():  # same batches as the construction, so the arithmetic is identical
+        predictions = torch.cat([model(torch.from_numpy(images[i:i + chunk])).argmax(1)
+                                 for i in range(0, len(images), chunk)]).numpy()
+    assert stored_rate == float(np.mean(predictions == labels))
