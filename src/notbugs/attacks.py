@@ -112,6 +112,11 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             m.training = was_training
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC layout: convolutions run markedly faster on it (CPU and GPU), results are unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 # A loss maps the perturbed batch to one loss value per example, to be *minimised*.
 PerExampleLoss = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,4 +1,4 @@
-"""The ``notbugs`` command: ``notbugs inspect FILE.h5 [--grid out.png]``."""
+"""The ``notbugs`` command: ``notbugs inspect FILE.h5 [--grid out.png]`` and ``notbugs bench``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from notbugs import bench
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench.run(archs=args.arch, batch=args.batch, steps=args.steps, device=args.device,
+              min_seconds=args.seconds)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="notbugs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", help="split to show in the grid (default: the first)")
     p.add_argument("-n", type=int, default=32, help="images in the grid (default 32)")
     p.set_defaults(func=inspect_command)
+    b = sub.add_parser("bench", help="attack and training throughput against reference implementations")
+    b.add_argument("--arch", nargs="+", default=["small_cnn", "resnet18"])
+    b.add_argument("--batch", type=int, default=256)
+    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    b.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
+    b.set_defaults(func=bench_command)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -4,6 +4,7 @@ express. Errors name the offending key as a dotted path, e.g. ``constructions.d_
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -31,6 +32,9 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
     schema_path = Path(schema_path).resolve()
     try:
         validate(config, str(schema_path), set_default=True)
+        # The validator inserts the schema's default objects without copying them, so sections
+        # would share one dict; give every section its own (deepcopy would keep the aliasing).
+        config.update(json.loads(json.dumps(config)))
     except WorkflowError as exc:
         schema = yaml.safe_load(schema_path.read_text())
         validator = jsonschema.Draft202012Validator(schema)

@@ -1,6 +1,7 @@
 """Stage 1, prepare data: build ``results/<dataset>/data.h5`` from one of three sources.
 
-``synthetic`` (the built-in default, no download)
+``synthetic`` (the built-in default, no download; defaults tuned so that the default pipeline shows
+every effect of the paper on a small CNN in a few CPU minutes)
     10 classes of 3×32×32 images with *planted* features, generated from a seed:
 
     x = clip(0.5 + b + a·r[k] + n[y] + σ·ξ, 0, 1)
@@ -13,9 +14,12 @@
       label y with probability 1 − ``robust_flip_prob`` and is another class otherwise, so
       robust features alone are deliberately *not* fully predictive (Bayes accuracy ≈ 1 − p).
       ``a`` ~ U(0.75, 1.25) varies the contrast per image.
-    - ``n[y]``: the **non-robust feature**. One fixed high-frequency texture per class (a
-      zero-mean random 3×4×4 tile repeated over the image; tiles of different classes are
-      orthonormal), scaled to L2 norm ``nonrobust_norm`` (default 0.1, well below ε=0.25).
+    - ``n[y]``: the **non-robust feature**. One fixed high-frequency texture per class: a random
+      3×t×t tile (``tile``, default 2) repeated over the image, zero-mean over the whole tile and
+      orthonormal across classes, scaled to L2 norm ``nonrobust_norm`` (default 0.1, well below
+      ε=0.25). The mean is taken over channels and pixels together, so each texture keeps a faint
+      uniform colour offset (about a fifth of its energy on average; a 3×2×2 tile has too few
+      colour-free directions for 10 orthogonal classes).
       It always matches the label, so it is (nearly) perfectly predictive, and an L2 step of
       ‖n[y] − n[t]‖/2 ≈ 0.07 can swap it for another class's.
     - ``ξ``: i.i.d. pixel noise with std ``pixel_noise``.

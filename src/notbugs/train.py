@@ -129,12 +129,8 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
             y = y_all[idx]
             if threat is not None:
                 x = _adversarial_batch(model, x, y, threat, adv, gen)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.get("label_smoothing", 0.0))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += loss.detach() * len(y)
+            logits, loss = train_step(model, opt, x, y, cfg.get("label_smoothing", 0.0))
+            total_loss += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         elapsed += time.perf_counter() - t0
@@ -155,6 +151,16 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
                     seed=seed, train_seconds=elapsed)
     shutil.rmtree(resume_path.parent, ignore_errors=True)
     return {"train_seconds": elapsed, "final_train_acc": history[-1]["train_acc"] if history else None}
+
+
+def train_step(model, opt, x, y, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch; returns the (detached) logits and mean loss."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits.detach(), loss.detach()
 
 
 def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator) -> torch.Tensor:

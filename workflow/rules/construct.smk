@@ -14,7 +14,7 @@ rule construct:
         "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
+        gpu=lambda wc: 0 if config["constructions"][wc.name]["method"] == "leakage" else GPU,
         mem_mb=8000,
         runtime=24 * 60,
     script:

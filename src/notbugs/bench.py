@@ -1,0 +1,135 @@
+"""``notbugs bench``: throughput of notbugs' attacks and training against references, side by side
+in one process on the same model, batch and device, printed as ratios.
+
+- PGD: notbugs' targeted L2 PGD vs torchattacks' PGDL2 (if installed) and a plain PyTorch loop.
+- Inversion: image-steps/s.
+- Training: img/s of notbugs' training step vs a plain reference loop.
+- FLOP/s of each, as a fraction of a peak measured in the same run (a large fp32 matmul).
+  FLOPs per image come from ``torch.utils.flop_counter`` (forward); an attack step is counted
+  as 2× forward (forward + input gradient), a training step as 3× forward.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from notbugs import attacks
+from notbugs.models import build_model
+
+
+def _rate(fn: Callable[[], None], units: float, min_seconds: float) -> float:
+    fn()  # warm-up
+    runs, start = 0, time.perf_counter()
+    while True:
+        fn()
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return runs * units / elapsed
+
+
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / len(x)
+
+
+def peak_flops(device: torch.device, n: int = 2048, min_seconds: float = 1.0) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def matmul():
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return _rate(matmul, 2 * n ** 3, min_seconds)
+
+
+def reference_pgd(model, x, y, eps, steps, step_size):
+    """A plain 15-line targeted L2 PGD, the baseline everyone writes."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x + delta), y)
+        loss.backward()
+        with torch.no_grad():
+            g = delta.grad
+            g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta -= step_size * g / g_norm
+            d_norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta *= torch.clamp(eps / d_norm, max=1.0)
+            delta.copy_((x + delta).clamp(0, 1) - x)
+        delta.grad.zero_()
+    return (x + delta).detach()
+
+
+def reference_train_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, device: str = "cpu",
+        min_seconds: float = 3.0, print_fn=print) -> list[dict]:
+    dev = torch.device(device)
+    peak = peak_flops(dev)
+    print_fn(f"device {dev}, {torch.get_num_threads()} threads, measured peak fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    rows = []
+    for arch in archs:
+        torch.manual_seed(0)
+        model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev).eval()
+        x = torch.rand(batch, 3, 32, 32, device=dev)
+        y = torch.randint(0, 10, (batch,), device=dev)
+        fwd = forward_flops(model, x[:8])
+        eps, step_size = 0.5, 0.1
+
+        def ours():
+            attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
+
+        def reference():
+            reference_pgd(model, x, y, eps, steps, step_size)
+
+        results = {"notbugs PGD": _rate(ours, batch * steps, min_seconds),
+                   "reference PGD loop": _rate(reference, batch * steps, min_seconds)}
+        try:
+            import torchattacks
+            ta = torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=False)
+            ta.set_mode_targeted_by_label(quiet=True)
+            results["torchattacks PGDL2"] = _rate(lambda: ta(x, y), batch * steps, min_seconds)
+        except ImportError:
+            pass
+        start = torch.rand_like(x)
+        results["notbugs inversion"] = _rate(
+            lambda: attacks.invert(model, start, x, steps=steps, step_size=0.1), batch * steps, min_seconds)
+
+        from notbugs.train import train_step
+        # notbugs' training runs the model in channels_last (see train.train); the reference doesn't.
+        train_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(train_model.parameters(), lr=0.01, momentum=0.9)
+        ref_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev)
+        ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9)
+        train_model.train()
+        ref_model.train()
+        x_nhwc = attacks.channels_last(x)
+        results["notbugs training"] = _rate(lambda: train_step(train_model, opt, x_nhwc, y), batch, min_seconds)
+        results["reference training loop"] = _rate(lambda: reference_train_step(ref_model, ref_opt, x, y),
+                                                   batch, min_seconds)
+        for name, rate in results.items():
+            flops_per_unit = (3 if "training" in name else 2) * fwd
+            rows.append({"arch": arch, "what": name, "rate": rate,
+                         "unit": "img/s" if "training" in name else "img-steps/s",
+                         "flop_utilisation": rate * flops_per_unit / peak})
+        print_fn(f"\n{arch} (batch {batch}, {steps} steps, {fwd / 1e6:.1f} MFLOP forward per image)")
+        for row in rows[-len(results):]:
+            print_fn(f"  {row['what']:<26} {row['rate']:>10.0f} {row['unit']:<12} "
+                     f"{100 * row['flop_utilisation']:5.1f}% of peak")
+        r = results
+        print_fn(f"  ratio notbugs/reference PGD:   {r['notbugs PGD'] / r['reference PGD loop']:.2f}x")
+        if "torchattacks PGDL2" in r:
+            print_fn(f"  ratio notbugs/torchattacks:    {r['notbugs PGD'] / r['torchattacks PGDL2']:.2f}x")
+        print_fn(f"  ratio notbugs/reference train: {r['notbugs training'] / r['reference training loop']:.2f}x")
+    return rows

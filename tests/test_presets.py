@@ -1,0 +1,236 @@
+"""The configuration presets (configs/*.yaml and the root config.yaml) and the SLURM profile.
+
+Dry runs only: nothing here trains, reads data or submits jobs, and each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from notbugs.config import load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+DEFAULT_CONFIG = REPO / "config.yaml"
+PAPER = REPO / "configs/cifar10-paper.yaml"
+SLURM_PROFILE = REPO / "profiles/slurm"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+ALL_CONFIGS = PRESETS + [DEFAULT_CONFIG]
+GPU_RULES = {"train_source", "train_target", "construct", "evaluate"}
+CPU_RULES = {"prepare_data", "tables", "plot_figure2", "plot_table1", "plot_training_curves", "plot_grid"}
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _model_dirs(config: dict) -> set[str]:
+    sources = {f"sources/{s}" for s in config["sources"]}
+    targets = {f"targets/{t}/{a}" for t in config["targets"]["train_sets"] for a in config["targets"]["archs"]}
+    return sources | targets
+
+
+def dry_run(workdir: Path, *args: str) -> tuple[list[dict], str]:
+    """Run ``snakemake -n`` on the repository's Snakefile in ``workdir``; return one dict per
+    planned job (``rule``, ``output``, ``resources``) and the combined output."""
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    text = result.stdout + "\n" + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(f"dry run failed ({result.returncode}): {' '.join(cmd)}\n{text[-4000:]}")
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if not head or head.group(1) == "all":
+            continue
+        output = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
+        res_line = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = dict(item.split("=", 1) for item in res_line.group(1).split(", ")) if res_line else {}
+        jobs.append({"rule": head.group(1), "output": output.group(1).strip() if output else "",
+                     "resources": resources})
+    return jobs, text
+
+
+# --------------------------------------------------------------------------- (a) schema
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
+def test_config_validates_against_the_schema(path):
+    config = load_config(path, SCHEMA)
+    # Figure 2's rows must name models the run actually trains, or `tables` fails at the end.
+    rows = config["figures"]["figure2"]
+    missing = {label: d for label, d in rows.items() if d not in _model_dirs(config)}
+    assert not missing, f"figures.figure2 rows point at models this config does not train: {missing}"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=_id)
+def test_preset_overrides_every_key_of_the_default_config(path):
+    """Run from the repository root, Snakemake loads the Snakefile's `configfile: config.yaml`
+    and merges `--configfile <preset>` *into* it recursively. A preset must therefore set every
+    key config.yaml sets, or synthetic-default values (n_train 2000, lr 0.05, ...) leak in."""
+    from snakemake.utils import update_config
+
+    merged = copy.deepcopy(_raw(DEFAULT_CONFIG))
+    update_config(merged, _raw(path))
+    alone = validate_config(_raw(path), SCHEMA)
+    assert validate_config(merged, SCHEMA) == alone
+
+
+def test_paper_preset_matches_the_papers_recipe():
+    """Spot checks against ../shared/reference/paper-facts.md §1-§3."""
+    config = load_config(PAPER, SCHEMA)
+    assert config["device"] == "cuda"
+    assert config["dataset"]["source"] == "cifar10" and config["dataset"]["n_train"] is None
+    recipes = [config["sources"]["standard"]["train"], config["sources"]["robust"]["train"],
+               config["targets"]["train"]]
+    from notbugs.train import lr_at
+    for recipe in recipes:
+        assert (recipe["epochs"], recipe["batch_size"], recipe["lr"]) == (150, 128, 0.1)
+        assert (recipe["momentum"], recipe["weight_decay"]) == (0.9, 5e-4)
+        assert recipe["augment"] == {"crop": True, "padding": 4, "flip": True}
+        # x0.1 at epochs 50 and 100 (0-based epoch 50 is the 51st)
+        assert [lr_at(e, recipe) for e in (49, 50, 99, 100)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+    assert config["sources"]["robust"]["train"]["adversarial"] == {
+        "norm": "l2", "eps": 0.5, "steps": 7, "step_size": 0.1, "random_start": False}
+    assert config["sources"]["standard"]["train"]["adversarial"] is None
+    assert config["targets"]["train"]["adversarial"] is None
+    for name in ("d_r", "d_nr"):
+        cons = config["constructions"][name]
+        assert (cons["steps"], cons["step_size"], cons["step_decay"], cons["start"]) == (1000, 0.1, "none", "image")
+    for name, target in (("d_rand", "random"), ("d_det", "next"), ("d_other", "other")):
+        cons = config["constructions"][name]
+        assert (cons["target"], cons["eps"], cons["steps"], cons["step_size"], cons["keep_best"]) == (
+            target, 0.5, 100, 0.1, True)
+    assert config["targets"]["archs"] == ["resnet50"]
+    assert config["evaluation"]["eps"] == [0.25, 0.5] and config["evaluation"]["step_size_factor"] == 2.5
+
+
+# --------------------------------------------------------------------------- (b) local dry runs
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
+def test_dry_run_plans_every_stage(path, tmp_path):
+    # config.yaml sits in the working directory, as when running from the repository root.
+    (tmp_path / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    config = load_config(path, SCHEMA)
+    if config["dataset"]["source"] == "imagefolder":
+        # A dry run reads no data: the (relative) data root need not exist for planning.
+        assert not (tmp_path / config["dataset"]["root"]).exists()
+    jobs, _ = dry_run(tmp_path, "--configfile", str(path), "--cores", "2")
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    assert set(counts) == GPU_RULES | CPU_RULES
+    n_targets = len(config["targets"]["train_sets"]) * len(config["targets"]["archs"])
+    assert counts["train_source"] == len(config["sources"])
+    assert counts["construct"] == counts["plot_grid"] == len(config["constructions"])
+    assert counts["train_target"] == n_targets
+    assert counts["evaluate"] == len(config["sources"]) + n_targets
+    name = config["dataset"]["name"]
+    assert all(job["output"].startswith(f"results/{name}/") for job in jobs)
+
+
+# --------------------------------------------------------------------------- (c) SLURM profile
+
+
+@pytest.fixture(scope="module")
+def slurm_jobs(tmp_path_factory) -> tuple[list[dict], str]:
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    workdir = tmp_path_factory.mktemp("slurm")
+    # The command of docs/cluster.md.
+    return dry_run(workdir, "--profile", str(SLURM_PROFILE), "--workflow-profile", "none",
+                   "--configfile", str(PAPER), "--latency-wait", "120")
+
+
+def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
+    jobs, text = slurm_jobs
+    config = load_config(PAPER, SCHEMA)
+    rules = [job["rule"] for job in jobs]
+    assert set(rules) == GPU_RULES | CPU_RULES
+    assert rules.count("train_target") == 8 and rules.count("evaluate") == 10
+    assert any(job["output"] == "results/cifar10/sources/robust/model.pt" for job in jobs)
+    assert config["device"] == "cuda"
+    # profiles/default (one local GPU: resources gpu=1) must not be layered over the cluster
+    # profile, or the whole cluster run would hold one GPU at a time.
+    assert "workflow specific profile" not in text
+
+
+def test_slurm_gpu_request_lands_on_the_gpu_rules_only(slurm_jobs):
+    jobs, _ = slurm_jobs
+    for job in jobs:
+        res = job["resources"]
+        where = f"{job['rule']} -> {job['output']}: {res}"
+        # the plugin needs these on every job (it warns without runtime and memory)
+        assert res.get("slurm_partition", "").strip("'\""), where
+        assert int(res["runtime"]) > 0 and int(res["mem_mb"]) > 0, where
+        if job["rule"] in GPU_RULES:
+            # `gpu: 1` (-> --gpus=1); a site that needs --gres sets gres "gpu:1" and gpu 0 instead
+            assert res.get("gpu") == "1" or "gpu" in res.get("gres", ""), where
+            assert int(res["cpus_per_gpu"]) >= 1, where
+        else:
+            assert job["rule"] in CPU_RULES, where
+            assert res.get("gpu", "0") == "0" and "cpus_per_gpu" not in res, where
+            assert "gres" not in res, where
+
+
+class _Resources(dict):
+    """What the plugin reads: ``resources.get(name)`` and ``resources.name``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _Job:
+    def __init__(self, resources: dict, threads: int):
+        self.resources = _Resources(resources)
+        self.threads = threads
+
+
+def _typed(value: str):
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def test_slurm_plugin_turns_the_profile_into_the_expected_sbatch_flags(slurm_jobs):
+    """Feed each rule's planned resources to the plugin's own sbatch builder (version 2.x)."""
+    try:
+        from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+        from snakemake_executor_plugin_slurm.utils import set_gres_string
+    except ImportError as exc:  # internal modules, not the plugin's public interface
+        pytest.skip(f"snakemake-executor-plugin-slurm internals moved: {exc}")
+    jobs, _ = slurm_jobs
+    seen = set()
+    for job in jobs:
+        if job["rule"] in seen:
+            continue
+        seen.add(job["rule"])
+        resources = {k: _typed(v) for k, v in job["resources"].items() if "<TBD>" not in v}
+        fake = _Job(resources, threads=1)
+        params = dict(run_uuid="x", slurm_logfile="x.log", comment_str="x", account="", partition="",
+                      workdir="")
+        call = get_submit_command(fake, params) + set_gres_string(fake)
+        assert f"-t {resources['runtime']}" in call and f"--mem {resources['mem_mb']}" in call, call
+        if job["rule"] in GPU_RULES:
+            assert "--gpus=" in call or "--gres=gpu" in call, call
+            assert f"--cpus-per-gpu={resources['cpus_per_gpu']}" in call, call
+        else:
+            assert "--gpus" not in call and "--gres" not in call and "--cpus-per-task=1" in call, call
+    assert seen == GPU_RULES | CPU_RULES
