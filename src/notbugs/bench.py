@@ -39,15 +39,20 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def peak_flops(device: torch.device, n: int = 2048, min_seconds: float = 1.0) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-
-    def matmul():
-        a @ b
+def peak_flops(device: torch.device, min_seconds: float = 1.0) -> float:
+    """The better of a large fp32 matmul and a large 3×3 convolution, measured now."""
+    def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return _rate(matmul, 2 * n ** 3, min_seconds)
+
+    n = 4096
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    matmul = _rate(lambda: (a @ b, sync()), 2 * n ** 3, min_seconds)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device)
+    x = torch.randn(32, 256, 32, 32, device=device)
+    with torch.no_grad():
+        conv_rate = _rate(lambda: (conv(x), sync()), 2 * 32 * 256 * 256 * 9 * 32 * 32, min_seconds)
+    return max(matmul, conv_rate)
 
 
 def reference_pgd(model, x, y, eps, steps, step_size):
@@ -77,7 +82,8 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         min_seconds: float = 3.0, print_fn=print) -> list[dict]:
     dev = torch.device(device)
     peak = peak_flops(dev)
-    print_fn(f"device {dev}, {torch.get_num_threads()} threads, measured peak fp32 matmul {peak / 1e9:.1f} GFLOP/s")
+    print_fn(f"device {dev}, {torch.get_num_threads()} threads, measured fp32 peak {peak / 1e9:.1f} GFLOP/s "
+             f"(best of a 4096² matmul and a 256-channel 3×3 conv)")
     rows = []
     for arch in archs:
         torch.manual_seed(0)
@@ -133,3 +139,41 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
             print_fn(f"  ratio notbugs/torchattacks:    {r['notbugs PGD'] / r['torchattacks PGDL2']:.2f}x")
         print_fn(f"  ratio notbugs/reference train: {r['notbugs training'] / r['reference training loop']:.2f}x")
     return rows
+
+
+_CONSTRUCT_CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+from notbugs.construct import construct
+cfg = dict(method="pgd", source="s", target="next", eps=0.5, steps=2, step_size=0.1, keep_best=True,
+           start="image", step_decay="none", tolerance=0.1)
+construct("bench", cfg, data_path=sys.argv[1], source_checkpoint=sys.argv[2], output=sys.argv[3],
+          seed=0, device=torch.device("cpu"), chunk_size=256)
+# The child's own high-water mark: a parent's rusage would include the pages it shared at fork.
+print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+"""
+
+
+def construction_peak_rss(n: int, workdir, print_fn=print) -> dict:
+    """Peak RSS (MiB) of a construction job over n and 4n training images, each in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from notbugs.data import prepare
+    from notbugs.models import save_checkpoint
+
+    workdir = Path(workdir)
+    model = build_model("small_cnn", 10, [0.5] * 3, [0.25] * 3)
+    checkpoint = workdir / "model.pt"
+    save_checkpoint(checkpoint, model, arch="small_cnn", num_classes=10, mean=[0.5] * 3, std=[0.25] * 3, config={})
+    peaks = {}
+    for size in (n, 4 * n):
+        data_path = workdir / f"data_{size}.h5"
+        prepare({"name": "bench", "source": "synthetic", "n_train": size, "n_test": 100, "synthetic": {}}, 0, data_path)
+        done = subprocess.run([sys.executable, "-c", _CONSTRUCT_CHILD, str(data_path), str(checkpoint),
+                               str(workdir / f"out_{size}.h5")], capture_output=True, text=True, check=True)
+        peaks[size] = int(done.stdout.split()[-1]) / 1024  # VmHWM is in KiB
+        print_fn(f"construction over {size:>6} images: peak RSS {peaks[size]:7.1f} MiB")
+    print_fn(f"ratio peak RSS 4N/N: {peaks[4 * n] / peaks[n]:.3f}")
+    return peaks

@@ -28,9 +28,10 @@ def attack_settings(eval_cfg: Mapping, eps: float) -> dict:
                 random_start=eval_cfg.get("random_start", False), restarts=eval_cfg.get("restarts", 1))
 
 
-def evaluate_model(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, eval_cfg: Mapping,
+def evaluate_model(model: torch.nn.Module, images, labels: np.ndarray, eval_cfg: Mapping,
                    device: torch.device, seed: int = 0) -> dict:
-    """Clean accuracy and robust accuracy at every ε of ``eval_cfg['eps']``, streamed in batches."""
+    """Clean accuracy and robust accuracy at every ε of ``eval_cfg['eps']``, streamed in batches
+    (``images`` may be an array or an h5py dataset)."""
     bs = eval_cfg["batch_size"]
     eps_list = list(eval_cfg["eps"])
     clean_correct = 0
@@ -38,7 +39,7 @@ def evaluate_model(model: torch.nn.Module, images: np.ndarray, labels: np.ndarra
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     for lo in tqdm(range(0, len(labels), bs), desc="evaluate", unit="batch", mininterval=10):
-        x = to_float(torch.from_numpy(images[lo:lo + bs])).to(device)
+        x = to_float(torch.from_numpy(np.asarray(images[lo:lo + bs]))).to(device)
         y = torch.from_numpy(labels[lo:lo + bs]).to(device)
         with torch.no_grad():
             clean_correct += int((model(x).argmax(1) == y).sum())
@@ -145,13 +146,15 @@ def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float = 0.25) ->
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
                         output: str | Path, device: torch.device, seed: int = 0) -> dict:
     """Evaluate one checkpoint on the data artifact's test split and write ``metrics.json``."""
-    from notbugs.hdf5 import load_split
+    from notbugs.hdf5 import open_artifact
     from notbugs.models import load_model
 
     model, meta = load_model(model_path, device=device)
     model = model.to(memory_format=torch.channels_last)
-    images, labels = load_split(data_path, "test", kind="data")
-    result = evaluate_model(model, images, labels, eval_cfg, device, seed=seed)
+    with open_artifact(data_path, kind="data") as data:
+        test = data.split("test")
+        # The h5py dataset is sliced batch by batch, so memory does not grow with the test set.
+        result = evaluate_model(model, test.images, test.labels, eval_cfg, device, seed=seed)
     train_cfg = meta.get("config", {}).get("train", {})
     result.update(arch=meta["arch"], epochs=meta.get("epochs"), train_seconds=meta.get("train_seconds"),
                   adversarial=train_cfg.get("adversarial"), checkpoint=str(model_path))
