@@ -111,3 +111,31 @@ def test_rerun_semantics(tmp_path):
     robust_changed["sources"]["robust"]["train"]["adversarial"]["eps"] = 0.25
     sources = [out for rule, out in planned_jobs(tmp_path, robust_changed) if rule == "train_source"]
     assert sources == ["results/tiny/sources/robust/model.pt"]
+
+
+@pytest.mark.slow
+def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
+    import time
+
+    config = tiny_config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/tiny/sources/robust/model.pt"
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", target]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    locks = tmp_path / ".snakemake" / "locks"
+    deadline = time.time() + 60
+    while not (locks.exists() and any(locks.iterdir())):
+        assert first.poll() is None and time.time() < deadline, "first run ended before taking its lock"
+        time.sleep(0.1)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode != 0
+    assert "cannot be locked" in second.stdout + second.stderr
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-2000:]
+    with h5py.File(tmp_path / "results/tiny/data.h5", "r") as f:
+        assert f["train/images"].shape == (100, 3, 32, 32)
+    remaining = planned_jobs(tmp_path, config)
+    assert remaining, "the rest of the pipeline is still to do"
+    assert all(rule != "prepare_data" and not output.endswith("sources/robust/model.pt")
+               for rule, output in remaining), "what the first run finished is not redone"
