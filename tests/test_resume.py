@@ -25,13 +25,14 @@ def _train_code(data_path, out_dir, epochs):
     """)
 
 
-def test_training_resumes_after_sigkill_with_identical_result(tmp_path):
+@pytest.mark.parametrize("kill_at", ["epoch 2/4", "epoch 3/4"])
+def test_training_resumes_after_sigkill_with_identical_result(tmp_path, kill_at):
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=400, n_test=100)
     epochs = 4
     run_python(_train_code(data_path, tmp_path / "straight", epochs))
 
     killed = tmp_path / "killed"
-    run_and_kill(_train_code(data_path, killed, epochs), trigger="epoch 2/4")
+    run_and_kill(_train_code(data_path, killed, epochs), trigger=kill_at)
     assert (killed / "checkpoints" / "last.pt").exists() and not (killed / "model.pt").exists()
     resumed_from = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 1 <= resumed_from < epochs
