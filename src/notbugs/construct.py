@@ -109,6 +109,8 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         writer = hdf5.ChunkedWriter(output, n, _columns(image_shape), fingerprint)
         if writer.rows_done:
             log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
+        if method == "leakage":
+            patterns = torch.from_numpy(leakage_patterns(n_classes, image_shape, cfg["eps"], seed)).to(device)
         bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
         try:
             for lo, chunk in train.iter_chunks(chunk_size, start=writer.rows_done):
@@ -131,7 +133,6 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                                          tolerance=cfg["tolerance"], step_decay=cfg["step_decay"])
                     x_new, loss, reached, moved = res.x_inv, res.loss, res.reached, res.perturbation_norm
                 elif method == "leakage":
-                    patterns = torch.from_numpy(leakage_patterns(n_classes, image_shape, cfg["eps"], seed)).to(device)
                     x_new = (x + patterns[t]).clamp(0, 1)
                     moved = (x_new - x).flatten(1).norm(dim=1)
                     loss = torch.full((len(t),), float("nan"), device=device)
