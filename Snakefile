@@ -14,6 +14,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/construct.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/plot.smk"
+include: "workflow/rules/studies.smk"
 
 
 rule all:

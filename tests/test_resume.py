@@ -1,5 +1,6 @@
 """Killed jobs resume: SIGKILL mid-run, rerun, and the result equals an uninterrupted run."""
 
+import json
 import textwrap
 
 import h5py
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from helpers import make_data_artifact, run_and_kill, run_python, tables_equal, train_tiny_model
+from notbugs import hdf5
+from notbugs.cli import describe
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +83,42 @@ def test_construction_resumes_after_sigkill_with_identical_file(tmp_path, kill_a
             assert tables_equal(fa["train"][column][:], fb["train"][column][:]), column
         for key in ("success_rate", "mean_perturbation_norm", "source_sha256", "config"):
             assert fa.attrs[key] == fb.attrs[key] or (np.isnan(fa.attrs[key]) and np.isnan(fb.attrs[key]))
+
+
+def _evaluate_code(model, data_path, output):
+    return textwrap.dedent(f"""
+        import logging, sys, torch
+        torch.set_num_threads(1)
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+        from notbugs.evaluate import evaluate_checkpoint
+        cfg = dict(eps=[0.25, 0.5], norm="l2", steps=10, step_size_factor=2.5, restarts=1, random_start=True,
+                   batch_size=50)
+        evaluate_checkpoint({str(model)!r}, {str(data_path)!r}, cfg, {str(output)!r}, device=torch.device("cpu"),
+                            seed=3)
+    """)
+
+
+@pytest.mark.parametrize("kill_after_rows", [50, 150])
+def test_evaluation_resumes_after_sigkill_with_identical_results(tmp_path, kill_after_rows):
+    data_path = make_data_artifact(tmp_path / "data.h5", n_train=300, n_test=200)
+    model = train_tiny_model(data_path, tmp_path / "model", epochs=2)
+    straight, killed = tmp_path / "straight" / "metrics.json", tmp_path / "killed" / "metrics.json"
+    run_python(_evaluate_code(model, data_path, straight))
+
+    run_and_kill(_evaluate_code(model, data_path, killed), trigger=f"{kill_after_rows}/200 rows done")
+    assert not killed.exists() and not killed.with_name("predictions.h5").exists()
+    assert killed.with_name("predictions.h5.partial").exists()
+    run_python(_evaluate_code(model, data_path, killed))
+
+    a, b = json.loads(straight.read_text()), json.loads(killed.read_text())
+    drop = ("checkpoint", "predictions", "train_seconds")
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    with h5py.File(straight.with_name("predictions.h5"), "r") as fa, \
+            h5py.File(killed.with_name("predictions.h5"), "r") as fb:
+        assert sorted(fa["test"]) == sorted(fb["test"]) and "robust_pred_eps0.25" in fa["test"]
+        for column in fa["test"]:
+            assert tables_equal(fa["test"][column][:], fb["test"][column][:]), column
+    with hdf5.open_artifact(killed.with_name("predictions.h5"), kind="evaluation") as art:
+        split = art.split("test")
+        assert len(split) == 200 and art.attrs["std_acc"] == b["std_acc"]
+        assert "clean_pred" in describe(str(killed.with_name("predictions.h5")))

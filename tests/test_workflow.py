@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import pandas as pd
 import pytest
 import yaml
 
@@ -139,3 +140,34 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
     assert remaining, "the rest of the pipeline is still to do"
     assert all(rule != "prepare_data" and not output.endswith("sources/robust/model.pt")
                for rule, output in remaining), "what the first run finished is not redone"
+
+
+@pytest.mark.slow
+def test_every_study_runs_in_the_pipeline_and_reaches_the_report(tmp_path):
+    config = tiny_config()
+    config["studies"] = yaml.safe_load((REPO / "configs/studies.yaml").read_text())["studies"]
+    config["studies"]["robust_leakage"]["linear_epochs"] = 2
+    config["studies"]["gaussian"].update(n_samples=2000, condition_numbers=[1, 10, 100])
+    snakemake(tmp_path, config)
+    snakemake(tmp_path, config, "--report", str(tmp_path / "report.html"))
+    results = tmp_path / "results" / "tiny"
+    tables = {"transfer": ["arch", "transfer_rate", "constructed_set_test_acc", "pearson_r"],
+              "robust_leakage": ["train_set", "features_only_test_acc", "deep_model_test_acc"],
+              "robust_leakage_features": ["feature", "certified_gamma"],
+              "gaussian_fits": ["eps", "kappa_closed_form", "cos_w_mu"],
+              "gaussian_misalignment": ["misalignment", "vulnerability_standard"],
+              "gaussian_eigen": ["metric_eig"],
+              "rebuttals": ["study", "train_set", "target_test_acc"]}
+    for name, columns in tables.items():
+        table = pd.read_csv(results / "tables" / f"{name}.csv")
+        assert len(table) and set(columns) <= set(table.columns), name
+    transfer = pd.read_csv(results / "tables" / "transfer.csv")
+    assert sorted(transfer.arch) == sorted(config["studies"]["transfer"].get("archs", ["small_cnn", "small_cnn_wide",
+                                                                                      "tiny_resnet", "mlp"]))
+    rebuttals = pd.read_csv(results / "tables" / "rebuttals.csv")
+    assert set(rebuttals.train_set) == {"d_det", "d_det_nontransferable", "d_relabel"}
+    report = (tmp_path / "report.html").read_text()
+    for study in ("transfer", "robust_leakage", "gaussian", "rebuttals"):
+        assert (results / "figures" / f"{study}.png").stat().st_size > 5000
+        assert (results / "figures" / f"{study}.pdf").exists()
+        assert f"{study}.png" in report

@@ -165,6 +165,7 @@ class AttackResult:
     loss: torch.Tensor           # cross-entropy towards the target (targeted) or the label
     perturbation_norm: torch.Tensor  # L2 norm of x_adv - x
     success: torch.Tensor        # targeted: prediction == target; untargeted: prediction != label
+    prediction: torch.Tensor     # the model's class for x_adv
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, step_size: float,
@@ -192,7 +193,34 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
         with torch.no_grad():
             pred = model(best_x).argmax(1)
     success = pred == y if targeted else pred != y
-    return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success)
+    return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success, pred)
+
+
+def nontransferable_pgd(model: nn.Module, others: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                        target: torch.Tensor, *, eps: float, steps: int, step_size: float, weight: float = 1.0,
+                        keep_best: bool = True) -> AttackResult:
+    """Nakkiran's non-transferable targeted L2 PGD: move ``model`` towards ``target`` while
+    *descending* the mean loss of the independently trained ``others`` on the true label ``y``,
+    i.e. minimise CE(f(z), t) + weight · mean_k CE(f_k(z), y). The result fools ``model`` but
+    carries little that other models would read as ``target``."""
+    threat = L2Ball(eps, step_size)
+    with contextlib.ExitStack() as stack:
+        for m in [model, *others]:
+            stack.enter_context(frozen(m))
+
+        def loss_fn(z):
+            loss = F.cross_entropy(model(z), target, reduction="none")
+            if others:
+                keep = torch.stack([F.cross_entropy(m(z), y, reduction="none") for m in others])
+                loss = loss + weight * keep.mean(0)
+            return loss
+
+        x_adv, _ = descend(x, loss_fn, threat, steps, keep_best=keep_best)
+        with torch.no_grad():
+            logits = model(x_adv)
+    pred = logits.argmax(1)
+    return AttackResult(x_adv, F.cross_entropy(logits, target, reduction="none"),
+                        (x_adv - x).flatten(1).norm(dim=1), pred == target, pred)
 
 
 @dataclass

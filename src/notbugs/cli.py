@@ -42,6 +42,9 @@ def inspect_command(args: argparse.Namespace) -> int:
     if args.grid:
         from notbugs import plots
         with hdf5.open_artifact(args.file) as art:
+            if art.kind in hdf5.IMAGELESS_KINDS:
+                print(f"error: {args.file} is an {art.kind!r} artifact and holds no images", file=sys.stderr)
+                return 2
             split = art.split(args.split or art.splits[0])
             n = min(args.n, len(split))
             plots.inspect_grid(split.images[:n], split.labels[:n], art.class_names, args.grid, n=n)

@@ -11,7 +11,10 @@ from typing import Mapping
 import yaml
 
 ORIGINAL_SET = "d"  # the unmodified training set, as a train_sets entry
-MODEL_METHODS = ("inversion", "pgd")
+MODEL_METHODS = ("inversion", "pgd", "nontransferable", "relabel")
+LINEAR_SOURCE = "linear_robust"    # robust_leakage study
+RELABEL_SOURCE = "brief"           # rebuttals study: the briefly trained model that relabels
+RELABEL_SET = "d_relabel"
 
 
 class ConfigError(ValueError):
@@ -25,11 +28,19 @@ def _dotted(path) -> str:
 def validate_config(config: dict, schema_path: str | Path) -> dict:
     """Validate ``config`` in place with Snakemake's validator (which fills defaults), then check
     references between sections. Raises :class:`ConfigError` naming the key."""
+    schema_path = Path(schema_path).resolve()
+    _validate_with_schema(config, schema_path)
+    if expand_studies(config):
+        _validate_with_schema(config, schema_path)  # fills the defaults of what the studies added
+    check_references(config)
+    return config
+
+
+def _validate_with_schema(config: dict, schema_path: Path) -> None:
     import jsonschema
     from snakemake.exceptions import WorkflowError
     from snakemake.utils import validate
 
-    schema_path = Path(schema_path).resolve()
     try:
         validate(config, str(schema_path), set_default=True)
         # The validator inserts the schema's default objects without copying them, so sections
@@ -49,8 +60,75 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
                 path.append(",".join(map(str, unknown)))
         key = _dotted(path)
         raise ConfigError(f"config key '{key}': {error.message}") from None
-    check_references(config)
-    return config
+
+
+def fresh_sources(k: int) -> list[str]:
+    return [f"fresh_{i}" for i in range(1, k + 1)]
+
+
+def nontransferable_set(construction: str) -> str:
+    return f"{construction}_nontransferable"
+
+
+def _add(section: dict, section_name: str, name: str, value) -> None:
+    if name in section and section[name] != value:
+        raise ConfigError(f"config key '{section_name}.{name}': the name is reserved for an enabled study "
+                          "(rename your entry or disable the study)")
+    section[name] = value
+
+
+def _pgd_construction(config: Mapping, study: str) -> tuple[str, dict]:
+    name = config["studies"][study]["construction"]
+    cons = config["constructions"].get(name)
+    if cons is None or cons["method"] != "pgd":
+        raise ConfigError(f"config key 'studies.{study}.construction': {name!r} is not a pgd construction "
+                          f"(constructions: {sorted(config['constructions'])})")
+    return name, cons
+
+
+def expand_studies(config: dict) -> bool:
+    """Add what each enabled study needs: sources, constructions and training sets.
+    Returns whether anything was added (the additions still need their defaults filled)."""
+    studies = config.get("studies", {})
+    sources, constructions = config["sources"], config["constructions"]
+    train_sets = config["targets"]["train_sets"]
+    before = json.dumps([sources, constructions, train_sets], sort_keys=True)
+
+    def want_train_set(name):
+        if name not in train_sets:
+            train_sets.append(name)
+
+    if studies.get("transfer", {}).get("enabled"):
+        name, _ = _pgd_construction(config, "transfer")
+        want_train_set(ORIGINAL_SET)
+        want_train_set(name)
+    if studies.get("robust_leakage", {}).get("enabled"):
+        study = studies["robust_leakage"]
+        eps = study["eps"]
+        _add(sources, "sources", LINEAR_SOURCE, {"arch": "linear", "train": {
+            "epochs": study["linear_epochs"], "lr": study["linear_lr"],
+            "adversarial": {"norm": "l2", "eps": eps, "steps": 5, "step_size": 2.5 * eps / 5}}})
+        for i, cons in enumerate(study["constructions"]):
+            if cons not in constructions:
+                raise ConfigError(f"config key 'studies.robust_leakage.constructions.{i}': no construction {cons!r}")
+    if studies.get("rebuttals", {}).get("enabled"):
+        study = studies["rebuttals"]
+        name, cons = _pgd_construction(config, "rebuttals")
+        base = sources[cons["source"]]
+        fresh = fresh_sources(study["fresh_models"] + 1)  # the last one judges, it is not in the ensemble
+        for i, fresh_name in enumerate(fresh, start=1):
+            _add(sources, "sources", fresh_name, {**copy.deepcopy(base), "seed": config["seed"] + 1000 + i})
+        _add(constructions, "constructions", nontransferable_set(name), {
+            **{k: v for k, v in cons.items() if k in ("target", "eps", "steps", "step_size", "keep_best")},
+            "method": "nontransferable", "source": cons["source"], "ensemble": fresh[:-1],
+            "ensemble_weight": study["ensemble_weight"]})
+        _add(sources, "sources", RELABEL_SOURCE,
+             {**copy.deepcopy(base), "train": {**base["train"], "epochs": study["relabel_epochs"]}})
+        _add(constructions, "constructions", RELABEL_SET, {"method": "relabel", "source": RELABEL_SOURCE})
+        want_train_set(name)
+        want_train_set(nontransferable_set(name))
+        want_train_set(RELABEL_SET)
+    return json.dumps([sources, constructions, train_sets], sort_keys=True) != before
 
 
 def check_references(config: Mapping) -> None:
@@ -64,6 +142,12 @@ def check_references(config: Mapping) -> None:
             if cons["source"] not in sources:
                 raise ConfigError(f"config key 'constructions.{name}.source': no source named "
                                   f"{cons['source']!r} (sources: {sorted(sources)})")
+        for i, member in enumerate(cons.get("ensemble", [])):
+            if member not in sources:
+                raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': no source named {member!r}")
+        if cons["method"] == "nontransferable" and not cons.get("ensemble"):
+            raise ConfigError(f"config key 'constructions.{name}.ensemble': method 'nontransferable' needs "
+                              "at least one independently trained source model")
     for i, train_set in enumerate(config["targets"]["train_sets"]):
         if train_set != ORIGINAL_SET and train_set not in constructions:
             raise ConfigError(f"config key 'targets.train_sets.{i}': {train_set!r} is neither "

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from notbugs import attacks
+from notbugs import attacks, hdf5
 from notbugs.train import to_float
 
 log = logging.getLogger(__name__)
@@ -28,31 +28,53 @@ def attack_settings(eval_cfg: Mapping, eps: float) -> dict:
                 random_start=eval_cfg.get("random_start", False), restarts=eval_cfg.get("restarts", 1))
 
 
+def robust_columns(eps: float) -> tuple[str, str]:
+    return f"robust_pred_eps{eps:g}", f"adv_norm_eps{eps:g}"
+
+
+def evaluate_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eval_cfg: Mapping,
+                   generator: torch.Generator) -> dict[str, np.ndarray]:
+    """Per-example results on one batch: labels, clean prediction, and for every ε the
+    prediction on the PGD example and that example's L2 distance from x."""
+    with torch.no_grad():
+        out = {"labels": y.cpu().numpy(), "clean_pred": model(x).argmax(1).cpu().numpy()}
+    for eps in eval_cfg["eps"]:
+        result = attacks.pgd(model, x, y, targeted=False, generator=generator, **attack_settings(eval_cfg, eps))
+        pred_col, norm_col = robust_columns(eps)
+        out[pred_col] = result.prediction.cpu().numpy()
+        out[norm_col] = result.perturbation_norm.float().cpu().numpy()
+    return out
+
+
+def _batch_generator(seed: int, offset: int) -> torch.Generator:
+    # Per batch, not one stream for the whole set, so a resumed run draws the same random starts.
+    return torch.Generator().manual_seed(seed * 1_000_003 + offset)
+
+
+def summarize(columns: Mapping[str, np.ndarray], eval_cfg: Mapping) -> dict:
+    labels = columns["labels"]
+    robust = []
+    for eps in eval_cfg["eps"]:
+        pred_col, norm_col = robust_columns(eps)
+        robust.append(dict(attack_settings(eval_cfg, eps), robust_acc=float((columns[pred_col] == labels).mean()),
+                           mean_adv_norm=float(columns[norm_col].mean())))
+    return {"n_test": int(len(labels)), "std_acc": float((columns["clean_pred"] == labels).mean()),
+            "robust": robust}
+
+
 def evaluate_model(model: torch.nn.Module, images, labels: np.ndarray, eval_cfg: Mapping,
                    device: torch.device, seed: int = 0) -> dict:
-    """Clean accuracy and robust accuracy at every ε of ``eval_cfg['eps']``, streamed in batches
-    (``images`` may be an array or an h5py dataset)."""
+    """Clean accuracy and robust accuracy at every ε of ``eval_cfg['eps']``, in memory
+    (``images`` may be an array or an h5py dataset; see :func:`evaluate_checkpoint` for the
+    streamed, resumable version)."""
     bs = eval_cfg["batch_size"]
-    eps_list = list(eval_cfg["eps"])
-    clean_correct = 0
-    robust_correct = {eps: 0 for eps in eps_list}
-    gen = torch.Generator().manual_seed(seed)
     model.eval()
-    for lo in tqdm(range(0, len(labels), bs), desc="evaluate", unit="batch", mininterval=10):
+    parts = []
+    for lo in range(0, len(labels), bs):
         x = to_float(torch.from_numpy(np.asarray(images[lo:lo + bs]))).to(device)
         y = torch.from_numpy(labels[lo:lo + bs]).to(device)
-        with torch.no_grad():
-            clean_correct += int((model(x).argmax(1) == y).sum())
-        for eps in eps_list:
-            settings = attack_settings(eval_cfg, eps)
-            result = attacks.pgd(model, x, y, targeted=False, generator=gen, **settings)
-            robust_correct[eps] += int((~result.success).sum())
-    n = len(labels)
-    return {
-        "n_test": n,
-        "std_acc": clean_correct / n,
-        "robust": [dict(attack_settings(eval_cfg, eps), robust_acc=robust_correct[eps] / n) for eps in eps_list],
-    }
+        parts.append(evaluate_batch(model, x, y, eval_cfg, _batch_generator(seed, lo)))
+    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, eval_cfg)
 
 
 def write_json(path: str | Path, payload: Mapping) -> None:
@@ -144,20 +166,47 @@ def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float = 0.25) ->
 
 
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
-                        output: str | Path, device: torch.device, seed: int = 0) -> dict:
-    """Evaluate one checkpoint on the data artifact's test split and write ``metrics.json``."""
-    from notbugs.hdf5 import open_artifact
-    from notbugs.models import load_model
+                        output: str | Path, device: torch.device, seed: int = 0,
+                        predictions: str | Path | None = None, fast: Mapping | None = None) -> dict:
+    """Evaluate one checkpoint on the data artifact's test split: per-example predictions are
+    streamed batch by batch into ``predictions`` (an "evaluation" HDF5 artifact; a killed run
+    resumes after the last finished batch), then the summary is written to ``metrics.json``."""
+    from notbugs.models import accelerate, file_sha256, load_model
 
     model, meta = load_model(model_path, device=device)
-    model = model.to(memory_format=torch.channels_last)
-    with open_artifact(data_path, kind="data") as data:
+    model = accelerate(model, fast)
+    predictions = Path(predictions or Path(output).with_name("predictions.h5"))
+    fingerprint = json.dumps({"eval": dict(eval_cfg), "seed": seed, "model": file_sha256(model_path),
+                              "data": file_sha256(data_path)}, sort_keys=True, default=str)
+    bs = eval_cfg["batch_size"]
+    with hdf5.open_artifact(data_path, kind="data") as data:
         test = data.split("test")
-        # The h5py dataset is sliced batch by batch, so memory does not grow with the test set.
-        result = evaluate_model(model, test.images, test.labels, eval_cfg, device, seed=seed)
+        columns = {"labels": hdf5.ColumnSpec((), "int64"), "clean_pred": hdf5.ColumnSpec((), "int64")}
+        for eps in eval_cfg["eps"]:
+            pred_col, norm_col = robust_columns(eps)
+            columns[pred_col], columns[norm_col] = hdf5.ColumnSpec((), "int64"), hdf5.ColumnSpec((), "float32")
+        writer = hdf5.ChunkedWriter(predictions, len(test), columns, fingerprint, split="test")
+        try:
+            if writer.rows_done:
+                log.info("%s: resuming after %d/%d evaluated rows", model_path, writer.rows_done, len(test))
+            bar = tqdm(total=len(test), initial=writer.rows_done, desc="evaluate", unit="img", mininterval=10)
+            for lo, chunk in test.iter_chunks(bs, start=writer.rows_done):
+                x = to_float(torch.from_numpy(chunk["images"])).to(device)
+                y = torch.from_numpy(chunk["labels"]).to(device)
+                writer.append(evaluate_batch(model, x, y, eval_cfg, _batch_generator(seed, lo)))
+                bar.update(len(y))
+                log.info("evaluate: %d/%d rows done", lo + len(y), len(test))
+            bar.close()
+            result = summarize({name: writer.read_column(name) for name in columns}, eval_cfg)
+            writer.finish(kind="evaluation", class_names=data.class_names, config={"evaluation": dict(eval_cfg)},
+                          seed=seed, source=f"evaluation of {model_path}",
+                          extra_attrs={"checkpoint": str(model_path), "std_acc": result["std_acc"]})
+        finally:
+            writer.close()
     train_cfg = meta.get("config", {}).get("train", {})
     result.update(arch=meta["arch"], epochs=meta.get("epochs"), train_seconds=meta.get("train_seconds"),
-                  adversarial=train_cfg.get("adversarial"), checkpoint=str(model_path))
+                  adversarial=train_cfg.get("adversarial"), checkpoint=str(model_path),
+                  predictions=str(predictions))
     log.info("%s: std %.2f%%, %s", model_path, 100 * result["std_acc"],
              ", ".join(f"robust@{r['eps']:g} {100 * r['robust_acc']:.2f}%" for r in result["robust"]))
     write_json(output, result)

@@ -12,7 +12,10 @@ Layout (format version 1), readable with nothing but h5py::
     /<split>/<column>       (N, ...) optional per-example columns, e.g. for constructed sets:
                             orig_index, orig_label, loss, perturbation_norm, target_reached
 
-``kind`` is "data" (splits ``train`` and ``test``) or "constructed" (split ``train``).
+``kind`` is "data" (splits ``train`` and ``test``), "constructed" (split ``train``) or
+"evaluation" (split ``test``, no images: per-example predictions of one model on the data's
+test split, with columns clean_pred and, per attack radius ε, robust_pred_eps<ε> and
+adv_norm_eps<ε>).
 Every dataset is chunked along N and gzip-compressed so readers can stream it.
 
 Writes are atomic: a file only ever appears under its final name once complete.
@@ -36,7 +39,8 @@ from notbugs import __version__
 
 FORMAT = "notbugs"
 FORMAT_VERSION = 1
-KINDS = {"data": ("train", "test"), "constructed": ("train",)}
+KINDS = {"data": ("train", "test"), "constructed": ("train",), "evaluation": ("test",)}
+IMAGELESS_KINDS = ("evaluation",)
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 ROWS_PER_CHUNK = 256
 
@@ -333,17 +337,20 @@ def _check_layout(path: Path, f: h5py.File, kind: str | None) -> None:
         if split not in f:
             raise ArtifactError(f"{path}: missing split group '/{split}'")
         group = f[split]
-        for name in ("images", "labels"):
+        required = ("labels",) if file_kind in IMAGELESS_KINDS else ("images", "labels")
+        for name in required:
             if name not in group:
                 raise ArtifactError(f"{path}: missing dataset '/{split}/{name}'")
-        images, labels = group["images"], group["labels"]
-        if images.ndim != 4 or images.dtype not in IMAGE_DTYPES:
-            raise ArtifactError(f"{path}: '/{split}/images' must be N×C×H×W uint8/float32, "
-                                f"is {images.shape} {images.dtype}")
+        labels = group["labels"]
+        if "images" in required:
+            images = group["images"]
+            if images.ndim != 4 or images.dtype not in IMAGE_DTYPES:
+                raise ArtifactError(f"{path}: '/{split}/images' must be N×C×H×W uint8/float32, "
+                                    f"is {images.shape} {images.dtype}")
         for name, ds in group.items():
-            if ds.shape[0] != images.shape[0]:
+            if ds.shape[0] != labels.shape[0]:
                 raise ArtifactError(f"{path}: '/{split}/{name}' has {ds.shape[0]} rows but "
-                                    f"images has {images.shape[0]}")
+                                    f"labels has {labels.shape[0]}")
         try:
             lab = labels[:]
         except OSError as exc:

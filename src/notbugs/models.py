@@ -63,6 +63,39 @@ def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
     return body, 4 * w
 
 
+PIXELS = 3 * 32 * 32  # the pixel-input models below assume CIFAR-shaped 3x32x32 images
+
+
+def linear() -> tuple[nn.Module, int]:
+    """Logits affine in the pixels (the robust linear classifier of Goh's leakage study)."""
+    return nn.Flatten(), PIXELS
+
+
+def mlp(width: int = 256) -> tuple[nn.Module, int]:
+    return nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, width), nn.ReLU(inplace=True),
+                         nn.Linear(width, width), nn.ReLU(inplace=True)), width
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.main = nn.Sequential(*_conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.main(x) + self.shortcut(x))
+
+
+def tiny_resnet(width: int = 16) -> tuple[nn.Module, int]:
+    """A narrow three-stage ResNet (one residual block per stage) for quick CPU studies."""
+    w = width
+    body = nn.Sequential(*_conv_bn_relu(3, w), _ResidualBlock(w, w, 2), _ResidualBlock(w, 2 * w, 2),
+                         _ResidualBlock(2 * w, 4 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return body, 4 * w
+
+
 # torchvision is imported inside the builders: it adds seconds to every job's start-up.
 
 def _cifar_resnet(depth: int) -> tuple[nn.Module, int]:
@@ -95,6 +128,9 @@ def _densenet121() -> tuple[nn.Module, int]:
 ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "small_cnn": small_cnn,
     "small_cnn_wide": lambda: small_cnn(32),
+    "tiny_resnet": tiny_resnet,
+    "mlp": mlp,
+    "linear": linear,
     "resnet18": lambda: _cifar_resnet(18),
     "resnet50": lambda: _cifar_resnet(50),
     "vgg16": _vgg16,
@@ -107,6 +143,61 @@ def build_model(arch: str, num_classes: int, mean: Sequence[float], std: Sequenc
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     body, dim = ARCHITECTURES[arch]()
     return Classifier(body, dim, num_classes, mean, std)
+
+
+class Accelerated(nn.Module):
+    """A frozen-weights view of a :class:`Classifier` for attacks and evaluation: optional bf16
+    autocast (outputs are returned in float32, so losses, norms and projections stay float32)
+    and optional ``torch.compile`` of ``forward`` and ``features``."""
+
+    def __init__(self, model: nn.Module, *, bf16: bool = False, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+        # Plain attributes, not submodules: the compiled callables wrap the same parameters.
+        self.__dict__["_forward"] = torch.compile(model) if compile else model
+        self.__dict__["_features"] = torch.compile(model.features) if compile else model.features
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return fn(x).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._forward, x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self._features, x)
+
+
+def fold_batchnorm(model: Classifier) -> Classifier:
+    """A copy of an eval-mode model with every BatchNorm folded into the convolution before it
+    (torch.fx): one layer fewer per block in the forward and the backward pass of an attack.
+    Exact up to float rounding. Returns the model unchanged if its body cannot be traced."""
+    import copy
+    import logging
+
+    from torch.fx.experimental.optimization import fuse
+
+    folded = copy.deepcopy(model).eval()
+    try:
+        folded.body = fuse(folded.body)
+    except Exception as exc:  # fx cannot trace every architecture; the unfolded model is still correct
+        logging.getLogger(__name__).info("BatchNorm folding skipped (%s: %s)", type(exc).__name__, exc)
+        return model
+    return folded
+
+
+def accelerate(model: Classifier, fast: dict | None = None) -> nn.Module:
+    """Apply the configured fast paths (config key ``fast_paths``) to a model used with frozen
+    weights, i.e. by attacks and evaluation."""
+    fast = fast or {}
+    if fast.get("fold_batchnorm", True):
+        model = fold_batchnorm(model)
+    if fast.get("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if fast.get("bf16_autocast", False) or fast.get("compile", False):
+        return Accelerated(model, bf16=fast.get("bf16_autocast", False), compile=fast.get("compile", False))
+    return model
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -310,3 +310,145 @@ def inspect_grid(images: np.ndarray, labels, class_names, out_png: PathLike, n: 
             fig.delaxes(ax)
     fig.suptitle(f"first {k} images")
     _save(fig, out_png)
+
+
+# --- Studies ----------------------------------------------------------------------------------
+
+@_styled
+def transfer(table: pd.DataFrame, out_png: PathLike) -> None:
+    """Paper Fig. 3: test accuracy after training on D_det against the transfer rate of the
+    source's adversarial examples to a standard model of the same architecture."""
+    title = "Transferability vs learnability (paper Fig. 3)"
+    if table.empty:
+        return _no_data(out_png, title)
+    fig, ax = plt.subplots(figsize=(4.6, 3.8), layout="constrained")
+    x, y = _column(table, "transfer_rate"), _column(table, "constructed_set_test_acc")
+    for i, (arch, xi, yi) in enumerate(zip(table["arch"], x, y)):
+        ax.scatter(xi, yi, s=40, color=OKABE_ITO[i % len(OKABE_ITO)], zorder=3, label=str(arch))
+    if len(x) >= 2 and np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        xs = np.linspace(x.min(), x.max(), 2)
+        ax.plot(xs, slope * xs + intercept, color="0.4", lw=1, ls="--", zorder=2)
+    ax.axhline(10, color="0.6", lw=0.8, ls=":", zorder=1)
+    ax.set_xlabel("transfer success rate of the source's attack (%)")
+    ax.set_ylabel("test accuracy after training on D_det (%)")
+    ax.grid(True, color="0.92", zorder=0)
+    r = _column(table, "pearson_r")[0]
+    ax.set_title(f"{title}\nPearson r = {_fmt_r(r)}, source success {_column(table, 'source_attack_success')[0]:.1f}%")
+    ax.legend(frameon=False, loc="best")
+    _save(fig, out_png)
+
+
+def _fmt_r(r: float) -> str:
+    return "n/a" if np.isnan(r) else f"{r:.2f}"
+
+
+@_styled
+def robust_leakage(accuracy: pd.DataFrame, features: pd.DataFrame, out_png: PathLike) -> None:
+    """Goh's leakage study: accuracy from the robust linear features only, beside the deep model,
+    and each feature's certified robust usefulness γ_i."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.8), layout="constrained",
+                                      gridspec_kw={"width_ratios": [1.2, 1]})
+    sets = list(accuracy["train_set"])
+    x = np.arange(len(sets))
+    width = 0.38
+    _bars_with_references(left, x - width / 2, _column(accuracy, "features_only_test_acc"),
+                          _column(accuracy, "paper_features_only"), width * 0.92, OKABE_ITO[0],
+                          "linear on robust features", ["paper"] * len(sets))
+    _bars_with_references(left, x + width / 2, _column(accuracy, "deep_model_test_acc"),
+                          np.full(len(sets), np.nan), width * 0.92, OKABE_ITO[1], "deep model", [""] * len(sets))
+    left.axhline(_column(accuracy, "chance")[0], color="0.35", ls="--", lw=1, zorder=1)
+    left.set_xticks(x, [TRAIN_SET_LABELS.get(s, s) for s in sets])
+    _percent_axis(left, "test accuracy (%)")
+    handles, labels = left.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="k", lw=2.2))
+    labels.append("Goh (CIFAR-10)")
+    left.legend(handles, labels, frameon=False, loc="upper right", fontsize=7)
+    left.set_title("Robust-feature leakage (Goh)")
+
+    gamma = _column(features, "certified_gamma")
+    colors = [OKABE_ITO[2] if g > 0 else OKABE_ITO[5] for g in gamma]
+    right.bar(features["feature"], gamma, color=colors, zorder=2)
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xlabel("feature i (logit of the robust linear model)")
+    right.set_ylabel("certified γ_i (standardised margin)")
+    right.set_title(f"Certified robust usefulness at ε = {_column(features, 'eps')[0]:g}")
+    right.yaxis.grid(True, color="0.9", zorder=0)
+    _save(fig, out_png)
+
+
+@_styled
+def rebuttals(table: pd.DataFrame, out_png: PathLike) -> None:
+    """Nakkiran's non-transferable D_det beside plain D_det, and Wallace's relabelling."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.8), layout="constrained")
+    nak = table[table["study"] == "nakkiran"]
+    x = np.arange(len(nak))
+    width = 0.38
+    kinds = ["replication"] * len(nak)
+    _bars_with_references(left, x - width / 2, _column(nak, "target_test_acc"), _column(nak, "paper_target_test_acc"),
+                          width * 0.92, OKABE_ITO[0], "test accuracy after training on it", kinds)
+    _bars_with_references(left, x + width / 2, _column(nak, "judge_transfer_rate"), np.full(len(nak), np.nan),
+                          width * 0.92, OKABE_ITO[3], "transfer to a fresh model", [""] * len(nak))
+    left.set_xticks(x, [f"{TRAIN_SET_LABELS.get(s, s)}\n({m})" for s, m in zip(nak["train_set"], nak["method"])])
+    left.axhline(10, color="0.35", ls="--", lw=1, zorder=1)
+    _percent_axis(left, "%")
+    left.legend(frameon=False, loc="upper right", fontsize=7)
+    left.set_title("Non-transferable adversarial examples (Nakkiran)")
+
+    wal = table[table["study"] == "wallace"]
+    if len(wal):
+        row = wal.iloc[0]
+        values = [row["relabeller_test_acc"], row["kept_fraction"], row["target_test_acc"]]
+        refs = [row["paper_relabeller_test_acc"], row["paper_kept_fraction"], row["paper_target_test_acc"]]
+        _bars_with_references(right, np.arange(3), np.array(values, float), np.array(refs, float), 0.6,
+                              OKABE_ITO[4], None, ["replication"] * 3)
+        right.set_xticks(np.arange(3), ["relabeller\ntest acc", "training images\nkept", "fresh model\ntest acc"])
+        right.axhline(10, color="0.35", ls="--", lw=1, zorder=1)
+    _percent_axis(right, "%")
+    right.set_title("Learning from wrongly labelled data (Wallace)")
+    _save(fig, out_png)
+
+
+@_styled
+def gaussian(fits: pd.DataFrame, misalignment: pd.DataFrame, eigen: pd.DataFrame, out_png: PathLike) -> None:
+    """The Gaussian model: the robust metric Σ+κI flattens towards the identity (left), the
+    standard classifier's vulnerability grows with misalignment (middle), robust weights (∝ input
+    gradients) align with μ (right)."""
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
+    eps_values = sorted(pd.unique(fits["eps"]))
+    colors = {e: OKABE_ITO[i % len(OKABE_ITO)] for i, e in enumerate(eps_values)}
+
+    cond = eigen["condition_number"].max()
+    for e in eps_values:
+        rows = eigen[(eigen["condition_number"] == cond) & (eigen["eps"] == e)].sort_values("index")
+        label = "Σ (standard)" if e == 0 else f"Σ+κI, ε={e:g} (κ={rows['kappa'].iloc[0]:.2g})"
+        a.plot(rows["index"], rows["metric_eig"], marker="o", ms=3, color=colors[e], label=label)
+    a.set_yscale("log")
+    a.set_xlabel("eigenvalue index")
+    a.set_ylabel("eigenvalue of the learned metric (trace-normalised)")
+    a.set_title(f"Robust training flattens the metric\n(condition number {cond:g})")
+    a.legend(frameon=False, fontsize=7)
+
+    for e in eps_values[1:]:
+        rows = misalignment[misalignment["eps"] == e].sort_values("misalignment")
+        b.plot(rows["misalignment"], 100 * rows["vulnerability_standard"], marker="o", ms=3, color=colors[e],
+               label=f"standard, ε={e:g}")
+        b.plot(rows["misalignment"], 100 * rows["vulnerability_robust"], ls="--", color=colors[e], lw=1,
+               label=f"robust, ε={e:g}")
+    b.set_xlabel("misalignment 1 − cos(Σ⁻¹μ, μ)")
+    b.set_ylabel("clean − robust accuracy (points)")
+    b.set_title("Vulnerability grows with misalignment")
+    b.legend(frameon=False, fontsize=6.5, ncols=2)
+
+    conds = sorted(pd.unique(fits["condition_number"]))
+    for i, k in enumerate(conds):
+        rows = fits[fits["condition_number"] == k].sort_values("eps")
+        c.plot(rows["eps"], rows["cos_w_mu"], marker="o", ms=3, color=OKABE_ITO[i % len(OKABE_ITO)],
+               label=f"cond {k:g}")
+    c.set_xlabel("ε of robust training (0 = standard)")
+    c.set_ylabel("cos(w, μ)  (input gradients ∝ w)")
+    c.set_title("Robust gradients align with μ")
+    c.legend(frameon=False, fontsize=7, ncols=2)
+    for ax in (a, b, c):
+        ax.grid(True, color="0.92", zorder=0)
+    _save(fig, out_png)

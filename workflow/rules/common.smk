@@ -3,7 +3,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from notbugs.config import ORIGINAL_SET, ConfigError, validate_config
+from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
+                            fresh_sources, nontransferable_set, validate_config)
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
@@ -44,9 +45,10 @@ def training_set_file(wildcards):
 
 def construction_inputs(wildcards):
     inputs = {"data": f"{RESULTS}/data.h5"}
-    source = config["constructions"][wildcards.name].get("source")
-    if config["constructions"][wildcards.name]["method"] != "leakage":
-        inputs["source"] = f"{RESULTS}/sources/{source}/model.pt"
+    construction = config["constructions"][wildcards.name]
+    if construction["method"] != "leakage":
+        inputs["source"] = f"{RESULTS}/sources/{construction['source']}/model.pt"
+    inputs["ensemble"] = [f"{RESULTS}/sources/{s}/model.pt" for s in construction.get("ensemble", [])]
     return inputs
 
 
@@ -54,7 +56,23 @@ def final_outputs():
     figures = [f"{RESULTS}/figures/{f}.png" for f in ("figure2", "table1", "training_curves")]
     grids = [f"{RESULTS}/figures/grids/{c}.png" for c in CONSTRUCTIONS]
     tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2")]
-    return figures + grids + tables
+    studies = [f"{RESULTS}/figures/{s}.png" for s in ENABLED_STUDIES]
+    return figures + grids + tables + studies
+
+
+# Follow-up studies: their tables, and which are switched on.
+STUDIES = config["studies"]
+STUDY_TABLES = {
+    "transfer": ["transfer"],
+    "robust_leakage": ["robust_leakage", "robust_leakage_features"],
+    "gaussian": ["gaussian_fits", "gaussian_misalignment", "gaussian_eigen"],
+    "rebuttals": ["rebuttals"],
+}
+ENABLED_STUDIES = [s for s in STUDY_TABLES if STUDIES[s]["enabled"]]
+
+
+def study_table(name):
+    return report(f"{RESULTS}/tables/{name}.csv", caption="../report/study_table.rst", category="Studies")
 
 
 wildcard_constraints:

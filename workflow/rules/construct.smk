@@ -5,6 +5,7 @@ rule construct:
         f"{RESULTS}/constructed/{{name}}.h5",
     params:
         construction=lambda wc: config["constructions"][wc.name],
+        fast=config["fast_paths"],
         seed=config["seed"],
         device=config["device"],
         chunk_size=config["chunk_size"],

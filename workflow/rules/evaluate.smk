@@ -3,11 +3,13 @@ rule evaluate:
         model=f"{RESULTS}/{{model_dir}}/model.pt",
         data=f"{RESULTS}/data.h5",
     output:
-        f"{RESULTS}/{{model_dir}}/metrics.json",
+        metrics=f"{RESULTS}/{{model_dir}}/metrics.json",
+        predictions=f"{RESULTS}/{{model_dir}}/predictions.h5",
     wildcard_constraints:
         model_dir="sources/[^/]+|targets/[^/]+/[^/]+",
     params:
         evaluation=config["evaluation"],
+        fast=config["fast_paths"],
         seed=config["seed"],
         device=config["device"],
     log:

@@ -7,7 +7,7 @@ rule train_source:
     params:
         arch=lambda wc: config["sources"][wc.source]["arch"],
         train=lambda wc: config["sources"][wc.source]["train"],
-        seed=config["seed"],
+        seed=lambda wc: config["sources"][wc.source].get("seed", config["seed"]),
         device=config["device"],
     log:
         f"{LOGS}/train_source/{{source}}.log",

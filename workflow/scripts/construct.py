@@ -8,7 +8,8 @@ def main(smk):
     device = start_job(smk.log[0], smk.threads, smk.params.device)
     construct(smk.wildcards.name, smk.params.construction, data_path=smk.input.data,
               source_checkpoint=smk.input.get("source"), output=smk.output[0],
-              seed=smk.params.seed, device=device, chunk_size=smk.params.chunk_size)
+              seed=smk.params.seed, device=device, chunk_size=smk.params.chunk_size,
+              ensemble_checkpoints=list(smk.input.ensemble), fast=smk.params.fast)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,14 @@ def main(smk):
             original = data.split("train").images[split["orig_index"][:n]]
             plots.image_grid(original, split.images[:n], split["orig_label"][:n], split.labels[:n], cons.class_names,
                              out, amplify=smk.params.amplify, title=f"{smk.wildcards.name}: {cons.attrs['source']}")
+    elif smk.rule == "plot_transfer":
+        plots.transfer(pd.read_csv(smk.input[0]), out)
+    elif smk.rule == "plot_robust_leakage":
+        plots.robust_leakage(pd.read_csv(smk.input[0]), pd.read_csv(smk.input[1]), out)
+    elif smk.rule == "plot_gaussian":
+        plots.gaussian(*(pd.read_csv(path) for path in smk.input), out)
+    elif smk.rule == "plot_rebuttals":
+        plots.rebuttals(pd.read_csv(smk.input[0]), out)
     else:
         raise ValueError(f"unknown plot rule {smk.rule}")
 

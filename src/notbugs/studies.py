@@ -1,0 +1,209 @@
+"""Follow-up studies beyond the paper's headline figures, run on the pipeline's cached artifacts.
+
+- :func:`transfer_table` — paper Fig. 3: does a target architecture learn from D_det in
+  proportion to how well the source's adversarial examples transfer to it?
+- :func:`certify_linear_features` and :func:`robust_leakage_table` — Goh's robust-feature
+  leakage: how much of D_rand/D_det can a classifier learn from the C certified-robust features
+  of a robust *linear* model alone?
+- :func:`rebuttals_table` — Nakkiran's non-transferable D_det and Wallace's relabelling.
+- The Gaussian model of Sec. 4 lives in :mod:`notbugs.gaussian` (it needs no data).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from notbugs import attacks, hdf5
+from notbugs.construct import choose_targets
+from notbugs.train import to_float
+
+
+def _batches(images, batch_size: int, device: torch.device):
+    for lo in range(0, len(images), batch_size):
+        yield lo, to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
+
+
+def predict(model: torch.nn.Module, images, batch_size: int = 500, device: torch.device | str = "cpu") -> np.ndarray:
+    with torch.no_grad():
+        return np.concatenate([model(x).argmax(1).cpu().numpy() for _, x in _batches(images, batch_size, device)])
+
+
+def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+# --- Transferability vs learnability -----------------------------------------------------------
+
+def transfer_rates(source: torch.nn.Module, victims: Mapping[str, torch.nn.Module], images: np.ndarray,
+                   labels: np.ndarray, construction: Mapping, n_classes: int, *, seed: int,
+                   device: torch.device | str = "cpu", batch_size: int = 500) -> dict[str, float]:
+    """Replay a pgd construction's attack on ``images`` and return, per victim, the fraction of
+    adversarial examples it classifies as the attack's target; ``"source"`` is the attack's own
+    success rate."""
+    targets = choose_targets(construction["target"], labels, n_classes, np.random.default_rng([seed, 0x7EA5]))
+    hits = {name: 0 for name in ["source", *victims]}
+    for lo, x in _batches(images, batch_size, device):
+        t = torch.from_numpy(targets[lo:lo + len(x)]).to(device)
+        res = attacks.pgd(source, x, t, eps=construction["eps"], steps=construction["steps"],
+                          step_size=construction["step_size"], targeted=True, keep_best=construction["keep_best"])
+        hits["source"] += int(res.success.sum())
+        with torch.no_grad():
+            for name, victim in victims.items():
+                hits[name] += int((victim(res.x_adv).argmax(1) == t).sum())
+    return {name: count / len(images) for name, count in hits.items()}
+
+
+def transfer_table(rates: Mapping[str, float], learn_metrics: Mapping[str, Mapping],
+                   standard_metrics: Mapping[str, Mapping]) -> pd.DataFrame:
+    """One row per architecture: transfer rate of the source's examples to the architecture's
+    standard model, and the test accuracy of that architecture trained on the constructed set."""
+    rows = [{"arch": arch, "transfer_rate": 100 * rates[arch],
+             "constructed_set_test_acc": 100 * learn_metrics[arch]["std_acc"],
+             "standard_model_test_acc": 100 * standard_metrics[arch]["std_acc"],
+             "source_attack_success": 100 * rates["source"]} for arch in learn_metrics]
+    table = pd.DataFrame(rows)
+    table["pearson_r"] = pearson_r(table.transfer_rate, table.constructed_set_test_acc)
+    return table
+
+
+# --- Robust-feature leakage (Goh) --------------------------------------------------------------
+
+def linear_features(model: torch.nn.Module, image_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) with model(x) = W·vec(x) + b for an affine model, read off by autograd in pixel
+    space (so the model's internal normalisation is folded in). Raises if the model is not affine."""
+    with attacks.frozen(model):
+        x = torch.zeros((1, *image_shape), requires_grad=True)
+        out = model(x)[0]
+        rows = [torch.autograd.grad(out[i], x, retain_graph=True)[0].flatten() for i in range(len(out))]
+        weights, bias = torch.stack(rows).double(), out.detach().double()
+        probe = torch.rand((4, *image_shape), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = probe.flatten(1).double() @ weights.T + bias
+            if not torch.allclose(model(probe).double(), expected, atol=1e-3, rtol=1e-4):
+                raise ValueError("the robust-leakage study needs an affine (arch: linear) model")
+    return weights.numpy(), bias.numpy()
+
+
+def feature_values(weights: np.ndarray, bias: np.ndarray, images) -> np.ndarray:
+    flat = np.concatenate([to_float(torch.from_numpy(np.asarray(images[lo:lo + 1000]))).flatten(1).double().numpy()
+                           for lo in range(0, len(images), 1000)])
+    return flat @ weights.T + bias
+
+
+def worst_case_margin(weights: np.ndarray, bias: np.ndarray, x_flat: np.ndarray, signs: np.ndarray,
+                      eps: float) -> np.ndarray:
+    """min over ‖δ‖₂ ≤ eps of s·(w·(x+δ) + b) = s·(w·x + b) − eps·‖w‖, per example and feature
+    (exact for a linear feature; the [0,1] box can only make the adversary weaker)."""
+    return signs * (x_flat @ weights.T + bias) - eps * np.linalg.norm(weights, axis=1)
+
+
+def certify_linear_features(weights: np.ndarray, bias: np.ndarray, images, labels: np.ndarray,
+                            eps: float) -> pd.DataFrame:
+    """Per feature i (logit i, one-vs-rest label s = ±1): its usefulness ρ_i = E[s·f̂_i(x)] and its
+    certified robust usefulness γ_i = E[min_δ s·f̂_i(x+δ)] = ρ_i − eps·‖w_i‖/σ_i, where f̂_i is the
+    feature standardised on the data (paper Sec. 2's normalisation)."""
+    values = feature_values(weights, bias, images)
+    mean, std = values.mean(0), values.std(0).clip(1e-12)
+    signs = np.where(labels[:, None] == np.arange(len(weights))[None, :], 1.0, -1.0)
+    usefulness = (signs * (values - mean) / std).mean(0)
+    w_norm = np.linalg.norm(weights, axis=1)
+    gamma = usefulness - eps * w_norm / std
+    return pd.DataFrame({"feature": np.arange(len(weights)), "weight_norm": w_norm, "feature_std": std,
+                         "usefulness": usefulness, "certified_gamma": gamma, "eps": eps,
+                         "robustly_useful": gamma > 0})
+
+
+def fit_feature_classifier(features: np.ndarray, labels: np.ndarray, n_classes: int, *, steps: int = 200,
+                           weight_decay: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on standardised features (full batch, LBFGS).
+    Returns (mean, std, W, b) so that logits = ((f − mean)/std)·Wᵀ + b."""
+    mean, std = features.mean(0), features.std(0).clip(1e-12)
+    z = torch.from_numpy((features - mean) / std)
+    y = torch.from_numpy(labels.astype(np.int64))
+    W = torch.zeros((n_classes, z.shape[1]), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ W.T + b, y) + weight_decay * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return mean, std, W.detach().numpy(), b.detach().numpy()
+
+
+def feature_classifier_accuracy(fit, features: np.ndarray, labels: np.ndarray) -> float:
+    mean, std, W, b = fit
+    return float((((features - mean) / std) @ W.T + b).argmax(1).__eq__(labels).mean() * 100)
+
+
+def robust_leakage_table(weights, bias, train_sets: Mapping[str, tuple], test: tuple, n_classes: int,
+                         deep_metrics: Mapping[str, Mapping], steps: int) -> pd.DataFrame:
+    """For each training set (images, labels): the test accuracy of a linear classifier trained
+    on the robust linear model's C features only, beside the deep target model's accuracy."""
+    test_features = feature_values(weights, bias, test[0])
+    rows = []
+    for name, (images, labels) in train_sets.items():
+        fit = fit_feature_classifier(feature_values(weights, bias, images), labels, n_classes, steps=steps)
+        rows.append({"train_set": name,
+                     "features_only_test_acc": feature_classifier_accuracy(fit, test_features, test[1]),
+                     "deep_model_test_acc": 100 * deep_metrics.get(name, {}).get("std_acc", float("nan")),
+                     "paper_features_only": GOH_REFERENCE.get(name, float("nan")),
+                     "chance": 100 / n_classes})
+    return pd.DataFrame(rows)
+
+
+GOH_REFERENCE = {"d_rand": 23.5, "d_det": 6.81}  # paper-facts §6, CIFAR-10
+
+
+# --- Rebuttals (Nakkiran, Wallace) ------------------------------------------------------------
+
+def judged_transfer_rate(judge: torch.nn.Module, constructed_path: str | Path, device: torch.device | str = "cpu"
+                         ) -> float:
+    """Fraction of a constructed set that an independently trained model classifies as its label."""
+    with hdf5.open_artifact(constructed_path, kind="constructed") as cons:
+        split = cons.split("train")
+        return float((predict(judge, split.images, device=device) == split.labels).mean() * 100)
+
+
+def constructed_summary(path: str | Path) -> dict:
+    with hdf5.open_artifact(path, kind="constructed") as cons:
+        attrs = cons.attrs
+    return {"rows": int(attrs.get("rows_kept", -1)), "source_success_rate": 100 * float(attrs["success_rate"]),
+            "mean_perturbation_norm": float(attrs["mean_perturbation_norm"])}
+
+
+def read_metrics(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+NAKKIRAN_REFERENCE = {"pgd": 33.0, "nontransferable": 3.0}  # paper-facts §6, D_det-style test accuracy
+WALLACE_REFERENCE = {"relabeller_test_acc": 63.0, "kept_fraction": 100 * 18768 / 50000, "target_test_acc": 49.7}
+
+
+def rebuttals_table(nakkiran: Mapping[str, Mapping], wallace: Mapping) -> pd.DataFrame:
+    """``nakkiran``: {train_set: {method, rows, source_success_rate, judge_transfer_rate,
+    target_test_acc}}; ``wallace``: {relabeller_test_acc, rows, train_rows, target_test_acc}."""
+    rows = [{"study": "nakkiran", "train_set": name, **values,
+             "paper_target_test_acc": NAKKIRAN_REFERENCE.get(values["method"], float("nan"))}
+            for name, values in nakkiran.items()]
+    rows.append({"study": "wallace", "train_set": wallace["train_set"], "method": "relabel",
+                 "rows": wallace["rows"], "kept_fraction": 100 * wallace["rows"] / wallace["train_rows"],
+                 "relabeller_test_acc": wallace["relabeller_test_acc"],
+                 "target_test_acc": wallace["target_test_acc"],
+                 "paper_target_test_acc": WALLACE_REFERENCE["target_test_acc"],
+                 "paper_relabeller_test_acc": WALLACE_REFERENCE["relabeller_test_acc"],
+                 "paper_kept_fraction": WALLACE_REFERENCE["kept_fraction"]})
+    return pd.DataFrame(rows)

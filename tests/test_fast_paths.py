@@ -1,0 +1,116 @@
+"""Every fast path (config key ``fast_paths``) gives the plain path's result, within a stated
+tolerance, on CPU: BatchNorm folding, channels_last, bf16 autocast and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from notbugs import attacks
+from notbugs.models import Accelerated, accelerate, build_model, fold_batchnorm
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _model(arch="small_cnn", seed=0):
+    """A random model whose BatchNorm layers hold non-trivial running statistics."""
+    torch.manual_seed(seed)
+    model = build_model(arch, 10, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 3, 32, 32) * 0.8 + 0.1)
+    return model.eval()
+
+
+def _batch(n=32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 3, 32, 32), generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def _pgd(model, x, y, steps=10):
+    return attacks.pgd(model, x, y, eps=0.5, steps=steps, step_size=0.1, targeted=True)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "tiny_resnet", "resnet18"])
+def test_folded_batchnorm_gives_the_same_logits_and_features(arch):
+    model = _model(arch)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x, _ = _batch(8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(folded.features(x), model.features(x), rtol=1e-4, atol=1e-5)
+
+
+def test_folding_leaves_the_original_model_untouched():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fold_batchnorm(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("fast", [{"fold_batchnorm": True, "channels_last": False},
+                                  {"fold_batchnorm": False, "channels_last": True},
+                                  {"fold_batchnorm": True, "channels_last": True}])
+def test_float32_fast_paths_give_the_plain_attack_result(fast):
+    """Tolerance: float rounding, which can flip a ReLU sitting at its kink and so change that
+    example's gradient (measured: 1 of 32 examples moved by 2e-3 at one pixel). Required: final
+    losses within 1e-4, at least 90% of examples identical to 1e-4 per pixel, at most one
+    example whose success differs."""
+    model = _model()
+    x, y = _batch()
+    plain, quick = _pgd(model, x, y), _pgd(accelerate(model, fast), x, y)
+    same = (quick.x_adv - plain.x_adv).abs().flatten(1).max(1).values < 1e-4
+    assert same.float().mean() >= 0.9
+    assert (quick.success != plain.success).sum() <= 1
+    torch.testing.assert_close(quick.loss, plain.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_norms_and_projection_in_float32():
+    """Tolerance: logits within 5% of their scale; the attack's ε-ball and [0,1] box hold exactly,
+    its images stay float32, and it reaches the target about as often as in float32."""
+    model = _model()
+    x, y = _batch(64)
+    mixed = accelerate(model, {"fold_batchnorm": False, "bf16_autocast": True})
+    assert isinstance(mixed, Accelerated)
+    with torch.no_grad():
+        ref, out = model(x), mixed(x)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    plain, quick = _pgd(model, x, y, steps=20), _pgd(mixed, x, y, steps=20)
+    assert quick.x_adv.dtype == torch.float32
+    assert quick.perturbation_norm.max() <= 0.5 + 1e-5
+    assert quick.x_adv.min() >= 0 and quick.x_adv.max() <= 1
+    assert abs(quick.success.float().mean() - plain.success.float().mean()) <= 0.1
+
+
+def test_bf16_autocast_model_still_inverts_representations():
+    model = _model()
+    x, _ = _batch(8)
+    start, _ = _batch(8, seed=2)
+    plain = attacks.invert(model, start, x, steps=30, step_size=0.2, step_decay="linear")
+    quick = attacks.invert(accelerate(model, {"bf16_autocast": True}), start, x, steps=30, step_size=0.2,
+                           step_decay="linear")
+    assert quick.x_inv.dtype == torch.float32
+    assert quick.loss.mean() <= plain.loss.mean() * 1.25 + 0.02
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_plain_attack_result():
+    """Tolerance as for the float32 paths; compilation (inductor, needs a C++ compiler) takes a while."""
+    model = _model()
+    x, y = _batch(16)
+    compiled = accelerate(model, {"fold_batchnorm": False, "compile": True})
+    plain, quick = _pgd(model, x, y, steps=5), _pgd(compiled, x, y, steps=5)
+    same = (quick.x_adv - plain.x_adv).abs().flatten(1).max(1).values < 1e-4
+    assert same.float().mean() >= 0.9
+    assert (quick.success != plain.success).sum() <= 1
+    torch.testing.assert_close(quick.loss, plain.loss, rtol=1e-4, atol=1e-4)

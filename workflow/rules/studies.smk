@@ -1,0 +1,125 @@
+# Follow-up studies (config key `studies`), each defined only when its switch is on.
+if STUDIES["transfer"]["enabled"]:
+    TRANSFER_SET = STUDIES["transfer"]["construction"]
+    TRANSFER_ARCHS = STUDIES["transfer"]["archs"]
+
+    rule study_transfer:
+        input:
+            source=f"{RESULTS}/sources/{config['constructions'][TRANSFER_SET]['source']}/model.pt",
+            data=f"{RESULTS}/data.h5",
+            standard=expand(f"{RESULTS}/targets/{ORIGINAL_SET}/{{arch}}/model.pt", arch=TRANSFER_ARCHS),
+            standard_metrics=expand(f"{RESULTS}/targets/{ORIGINAL_SET}/{{arch}}/metrics.json", arch=TRANSFER_ARCHS),
+            learned_metrics=expand(f"{RESULTS}/targets/{TRANSFER_SET}/{{arch}}/metrics.json", arch=TRANSFER_ARCHS),
+        output:
+            study_table("transfer"),
+        params:
+            archs=TRANSFER_ARCHS,
+            construction=config["constructions"][TRANSFER_SET],
+            fast=config["fast_paths"],
+            seed=config["seed"],
+            device=config["device"],
+        log:
+            f"{LOGS}/studies/transfer.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        threads: config["threads"]
+        resources:
+            gpu=GPU,
+            mem_mb=8000,
+            runtime=6 * 60,
+        script:
+            "../scripts/studies.py"
+
+
+if STUDIES["robust_leakage"]["enabled"]:
+    LEAKAGE_SETS = STUDIES["robust_leakage"]["constructions"]
+
+    rule study_robust_leakage:
+        input:
+            linear=f"{RESULTS}/sources/{LINEAR_SOURCE}/model.pt",
+            data=f"{RESULTS}/data.h5",
+            constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=LEAKAGE_SETS),
+            deep_metrics=expand(f"{RESULTS}/targets/{{name}}/{TARGET_ARCHS[0]}/metrics.json",
+                                name=[s for s in LEAKAGE_SETS if s in TRAIN_SETS]),
+        output:
+            accuracy=study_table("robust_leakage"),
+            features=study_table("robust_leakage_features"),
+        params:
+            constructions=LEAKAGE_SETS,
+            deep_sets=[s for s in LEAKAGE_SETS if s in TRAIN_SETS],
+            study=STUDIES["robust_leakage"],
+        log:
+            f"{LOGS}/studies/robust_leakage.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        threads: config["threads"]
+        script:
+            "../scripts/studies.py"
+
+
+if STUDIES["gaussian"]["enabled"]:
+
+    rule study_gaussian:
+        output:
+            fits=study_table("gaussian_fits"),
+            misalignment=study_table("gaussian_misalignment"),
+            eigen=study_table("gaussian_eigen"),
+        params:
+            study=STUDIES["gaussian"],
+            seed=config["seed"],
+        log:
+            f"{LOGS}/studies/gaussian.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        threads: config["threads"]
+        script:
+            "../scripts/studies.py"
+
+
+if STUDIES["rebuttals"]["enabled"]:
+    REBUTTAL_SET = STUDIES["rebuttals"]["construction"]
+    REBUTTAL_SETS = [REBUTTAL_SET, nontransferable_set(REBUTTAL_SET)]
+
+    rule study_rebuttals:
+        input:
+            constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=REBUTTAL_SETS),
+            learned_metrics=expand(f"{RESULTS}/targets/{{name}}/{TARGET_ARCHS[0]}/metrics.json", name=REBUTTAL_SETS),
+            judge=f"{RESULTS}/sources/{fresh_sources(STUDIES['rebuttals']['fresh_models'] + 1)[-1]}/model.pt",
+            relabelled=f"{RESULTS}/constructed/{RELABEL_SET}.h5",
+            relabel_metrics=f"{RESULTS}/targets/{RELABEL_SET}/{TARGET_ARCHS[0]}/metrics.json",
+            relabeller_metrics=f"{RESULTS}/sources/{RELABEL_SOURCE}/metrics.json",
+            data=f"{RESULTS}/data.h5",
+        output:
+            study_table("rebuttals"),
+        params:
+            names=REBUTTAL_SETS,
+            device=config["device"],
+        log:
+            f"{LOGS}/studies/rebuttals.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        threads: config["threads"]
+        resources:
+            gpu=GPU,
+        script:
+            "../scripts/studies.py"
+
+
+for _study in ENABLED_STUDIES:
+
+    rule:
+        name:
+            f"plot_{_study}"
+        input:
+            [f"{RESULTS}/tables/{t}.csv" for t in STUDY_TABLES[_study]],
+        output:
+            report(f"{RESULTS}/figures/{_study}.png", caption=f"../report/{_study}.rst", category="Studies"),
+            f"{RESULTS}/figures/{_study}.pdf",
+        params:
+            study=_study,
+        log:
+            f"{LOGS}/plot/{_study}.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        script:
+            "../scripts/plot.py"
