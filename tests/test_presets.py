@@ -23,9 +23,13 @@ PAPER = REPO / "configs/cifar10-paper.yaml"
 SLURM_PROFILE = REPO / "profiles/slurm"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
-PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+STUDIES_OVERLAY = REPO / "configs/studies.yaml"  # an overlay, not a preset: it only switches studies on
+PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p != STUDIES_OVERLAY)
 ALL_CONFIGS = PRESETS + [DEFAULT_CONFIG]
 GPU_RULES = {"train_source", "train_target", "construct", "evaluate"}
+STUDY_GPU_RULES = {"study_transfer", "study_rebuttals"}
+STUDY_CPU_RULES = {"study_robust_leakage", "study_gaussian", "plot_transfer", "plot_robust_leakage",
+                   "plot_gaussian", "plot_rebuttals"}
 CPU_RULES = {"prepare_data", "tables", "plot_figure2", "plot_table1", "plot_training_curves", "plot_grid"}
 
 
@@ -143,22 +147,35 @@ def test_dry_run_plans_every_stage(path, tmp_path):
     assert all(job["output"].startswith(f"results/{name}/") for job in jobs)
 
 
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
+def test_studies_overlay_plans_every_study_on_every_preset(path, tmp_path):
+    (tmp_path / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    jobs, _ = dry_run(tmp_path, "--configfile", str(path), str(STUDIES_OVERLAY), "--cores", "2")
+    rules = {job["rule"] for job in jobs}
+    assert rules == GPU_RULES | CPU_RULES | STUDY_GPU_RULES | STUDY_CPU_RULES
+
+
 # --------------------------------------------------------------------------- (c) SLURM profile
 
 
-@pytest.fixture(scope="module")
-def slurm_jobs(tmp_path_factory) -> tuple[list[dict], str]:
+@pytest.fixture(scope="module", params=[False, True], ids=["paper", "paper+studies"])
+def slurm_jobs(request, tmp_path_factory) -> tuple[list[dict], str, bool]:
     pytest.importorskip("snakemake_executor_plugin_slurm")
     workdir = tmp_path_factory.mktemp("slurm")
-    # The command of docs/cluster.md.
-    return dry_run(workdir, "--profile", str(SLURM_PROFILE), "--workflow-profile", "none",
-                   "--configfile", str(PAPER), "--latency-wait", "120")
+    # The command of docs/cluster.md (with the studies overlay in the second variant).
+    configs = [str(PAPER)] + ([str(STUDIES_OVERLAY)] if request.param else [])
+    jobs, text = dry_run(workdir, "--profile", str(SLURM_PROFILE), "--workflow-profile", "none",
+                         "--configfile", *configs, "--latency-wait", "120")
+    return jobs, text, request.param
 
 
 def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
-    jobs, text = slurm_jobs
+    jobs, text, with_studies = slurm_jobs
     config = load_config(PAPER, SCHEMA)
     rules = [job["rule"] for job in jobs]
+    if with_studies:
+        assert set(rules) == GPU_RULES | CPU_RULES | STUDY_GPU_RULES | STUDY_CPU_RULES
+        return
     assert set(rules) == GPU_RULES | CPU_RULES
     assert rules.count("train_target") == 8 and rules.count("evaluate") == 10
     assert any(job["output"] == "results/cifar10/sources/robust/model.pt" for job in jobs)
@@ -169,19 +186,19 @@ def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
 
 
 def test_slurm_gpu_request_lands_on_the_gpu_rules_only(slurm_jobs):
-    jobs, _ = slurm_jobs
+    jobs, _, _ = slurm_jobs
     for job in jobs:
         res = job["resources"]
         where = f"{job['rule']} -> {job['output']}: {res}"
         # the plugin needs these on every job (it warns without runtime and memory)
         assert res.get("slurm_partition", "").strip("'\""), where
         assert int(res["runtime"]) > 0 and int(res["mem_mb"]) > 0, where
-        if job["rule"] in GPU_RULES:
+        if job["rule"] in GPU_RULES | STUDY_GPU_RULES:
             # `gpu: 1` (-> --gpus=1); a site that needs --gres sets gres "gpu:1" and gpu 0 instead
             assert res.get("gpu") == "1" or "gpu" in res.get("gres", ""), where
             assert int(res["cpus_per_gpu"]) >= 1, where
         else:
-            assert job["rule"] in CPU_RULES, where
+            assert job["rule"] in CPU_RULES | STUDY_CPU_RULES, where
             assert res.get("gpu", "0") == "0" and "cpus_per_gpu" not in res, where
             assert "gres" not in res, where
 
@@ -216,7 +233,7 @@ def test_slurm_plugin_turns_the_profile_into_the_expected_sbatch_flags(slurm_job
         from snakemake_executor_plugin_slurm.utils import set_gres_string
     except ImportError as exc:  # internal modules, not the plugin's public interface
         pytest.skip(f"snakemake-executor-plugin-slurm internals moved: {exc}")
-    jobs, _ = slurm_jobs
+    jobs, _, with_studies = slurm_jobs
     seen = set()
     for job in jobs:
         if job["rule"] in seen:
@@ -228,9 +245,9 @@ def test_slurm_plugin_turns_the_profile_into_the_expected_sbatch_flags(slurm_job
                       workdir="")
         call = get_submit_command(fake, params) + set_gres_string(fake)
         assert f"-t {resources['runtime']}" in call and f"--mem {resources['mem_mb']}" in call, call
-        if job["rule"] in GPU_RULES:
+        if job["rule"] in GPU_RULES | STUDY_GPU_RULES:
             assert "--gpus=" in call or "--gres=gpu" in call, call
             assert f"--cpus-per-gpu={resources['cpus_per_gpu']}" in call, call
         else:
             assert "--gpus" not in call and "--gres" not in call and "--cpus-per-task=1" in call, call
-    assert seen == GPU_RULES | CPU_RULES
+    assert seen == GPU_RULES | CPU_RULES | (STUDY_GPU_RULES | STUDY_CPU_RULES if with_studies else set())

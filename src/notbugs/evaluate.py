@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -137,6 +138,18 @@ def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Map
     return pd.DataFrame(rows)
 
 
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X ≥ k) for X ~ Binomial(n, p), exactly (log-space terms, no scipy needed)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k, n + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
 def table1(models: pd.DataFrame, n_classes: int) -> pd.DataFrame:
     rows = models[(models.kind == "target") & models.train_set.isin(TABLE1_SETS)].copy()
     rows["order"] = rows.train_set.map({s: i for i, s in enumerate(TABLE1_SETS)})
@@ -144,6 +157,9 @@ def table1(models: pd.DataFrame, n_classes: int) -> pd.DataFrame:
     out = rows[["train_set", "arch", "std_acc", "construction_success_rate", "n_test"]].rename(
         columns={"std_acc": "test_acc"})
     out["chance"] = 100.0 / n_classes
+    # One-sided exact binomial test of "no better than chance" on the n_test test images.
+    out["p_above_chance"] = [binomial_tail(round(acc / 100 * n), int(n), 1 / n_classes)
+                             for acc, n in zip(out.test_acc, out.n_test)]
     out["paper_test_acc"] = out.train_set.map(lambda s: PAPER_TABLE1.get(s, (float("nan"),))[0])
     out["paper_origin"] = out.train_set.map(lambda s: PAPER_TABLE1.get(s, (None, ""))[1])
     return out.reset_index(drop=True)
