@@ -114,3 +114,13 @@ def test_compiled_model_gives_the_plain_attack_result():
     assert same.float().mean() >= 0.9
     assert (quick.success != plain.success).sum() <= 1
     torch.testing.assert_close(quick.loss, plain.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_defaults_match_the_config_schema():
+    import yaml
+
+    from helpers import REPO
+    from notbugs.models import FAST_PATH_DEFAULTS
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    defaults = {k: v["default"] for k, v in schema["properties"]["fast_paths"]["properties"].items()}
+    assert defaults == FAST_PATH_DEFAULTS

@@ -187,16 +187,20 @@ def fold_batchnorm(model: Classifier) -> Classifier:
     return folded
 
 
+# As in the config schema (key fast_paths).
+FAST_PATH_DEFAULTS = {"fold_batchnorm": True, "channels_last": True, "bf16_autocast": False, "compile": False}
+
+
 def accelerate(model: Classifier, fast: dict | None = None) -> nn.Module:
     """Apply the configured fast paths (config key ``fast_paths``) to a model used with frozen
     weights, i.e. by attacks and evaluation."""
-    fast = fast or {}
-    if fast.get("fold_batchnorm", True):
+    fast = {**FAST_PATH_DEFAULTS, **(fast or {})}
+    if fast["fold_batchnorm"]:
         model = fold_batchnorm(model)
-    if fast.get("channels_last", False):
+    if fast["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    if fast.get("bf16_autocast", False) or fast.get("compile", False):
-        return Accelerated(model, bf16=fast.get("bf16_autocast", False), compile=fast.get("compile", False))
+    if fast["bf16_autocast"] or fast["compile"]:
+        return Accelerated(model, bf16=fast["bf16_autocast"], compile=fast["compile"])
     return model
 
 

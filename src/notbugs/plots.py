@@ -34,6 +34,7 @@ FIGURE2_LABELS = {
 TRAIN_SET_LABELS = {
     "d": "D", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
     "d_leak_rand": "D_leak(rand)", "d_leak_det": "D_leak(det)",
+    "d_det_nontransferable": "D_det, non-transferable", "d_relabel": "D_relabel",
 }
 # Reference markers: solid for numbers from the paper, dashed for numbers from a replication.
 REFERENCE_STYLES = {"paper": "-", "replication": (0, (1.5, 1))}
@@ -389,10 +390,13 @@ def rebuttals(table: pd.DataFrame, out_png: PathLike) -> None:
                           width * 0.92, OKABE_ITO[0], "test accuracy after training on it", kinds)
     _bars_with_references(left, x + width / 2, _column(nak, "judge_transfer_rate"), np.full(len(nak), np.nan),
                           width * 0.92, OKABE_ITO[3], "transfer to a fresh model", [""] * len(nak))
-    left.set_xticks(x, [f"{TRAIN_SET_LABELS.get(s, s)}\n({m})" for s, m in zip(nak["train_set"], nak["method"])])
+    left.set_xticks(x, [TRAIN_SET_LABELS.get(s, s) for s in nak["train_set"]])
     left.axhline(10, color="0.35", ls="--", lw=1, zorder=1)
     _percent_axis(left, "%")
-    left.legend(frameon=False, loc="upper right", fontsize=7)
+    handles, labels = left.get_legend_handles_labels()
+    handles.append(Line2D([], [], color="k", lw=2.2, ls=REFERENCE_STYLES["replication"]))
+    labels.append("Nakkiran / Wallace (CIFAR-10)")
+    left.legend(handles, labels, frameon=False, loc="upper right", fontsize=7)
     left.set_title("Non-transferable adversarial examples (Nakkiran)")
 
     wal = table[table["study"] == "wallace"]

@@ -11,6 +11,7 @@ rule construct:
         chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/construct/{{name}}.log",
+    priority: 1
     conda:
         "../../envs/notbugs.yaml"
     threads: config["threads"]

@@ -11,6 +11,8 @@ rule train_source:
         device=config["device"],
     log:
         f"{LOGS}/train_source/{{source}}.log",
+    # Sources, then constructions, head the longest chains: start them before quick jobs.
+    priority: 2
     conda:
         "../../envs/notbugs.yaml"
     threads: config["threads"]
