@@ -10,12 +10,7 @@ from notbugs import attacks
 from notbugs.models import Accelerated, accelerate, build_model, fold_batchnorm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(arch="small_cnn", seed=0):

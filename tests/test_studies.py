@@ -15,16 +15,9 @@ from notbugs import attacks, construct, hdf5, studies
 from notbugs.config import ConfigError, validate_config
 from notbugs.models import build_model, load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
 SHAPE = (3, 32, 32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------- Goh's certificate
