@@ -92,11 +92,13 @@ def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
     }
 
 
-def _predict(model, split, chunk_size: int, device: torch.device) -> np.ndarray:
+def predict(model: torch.nn.Module, images, batch_size: int = 500, device: torch.device | str = "cpu") -> np.ndarray:
+    """The model's class for every image, batch by batch (``images`` may be an h5py dataset)."""
     preds = []
     with torch.no_grad():
-        for _, chunk in split.iter_chunks(chunk_size):
-            preds.append(model(to_float(torch.from_numpy(chunk["images"])).to(device)).argmax(1).cpu().numpy())
+        for lo in range(0, len(images), batch_size):
+            x = to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
+            preds.append(model(x).argmax(1).cpu().numpy())
     return np.concatenate(preds).astype(np.int64)
 
 
@@ -124,7 +126,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         if method == "inversion":
             targets = labels
         elif method == "relabel":
-            predictions = _predict(model, train, chunk_size, device)
+            predictions = predict(model, train.images, chunk_size, device)
             rows = np.flatnonzero(predictions != labels)
             if len(rows) == 0:
                 raise ValueError(f"construction {name}: the source classifies every training image correctly, "

@@ -63,21 +63,6 @@ def summarize(columns: Mapping[str, np.ndarray], eval_cfg: Mapping) -> dict:
             "robust": robust}
 
 
-def evaluate_model(model: torch.nn.Module, images, labels: np.ndarray, eval_cfg: Mapping,
-                   device: torch.device, seed: int = 0) -> dict:
-    """Clean accuracy and robust accuracy at every ε of ``eval_cfg['eps']``, in memory
-    (``images`` may be an array or an h5py dataset; see :func:`evaluate_checkpoint` for the
-    streamed, resumable version)."""
-    bs = eval_cfg["batch_size"]
-    model.eval()
-    parts = []
-    for lo in range(0, len(labels), bs):
-        x = to_float(torch.from_numpy(np.asarray(images[lo:lo + bs]))).to(device)
-        y = torch.from_numpy(labels[lo:lo + bs]).to(device)
-        parts.append(evaluate_batch(model, x, y, eval_cfg, _batch_generator(seed, lo)))
-    return summarize({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, eval_cfg)
-
-
 def write_json(path: str | Path, payload: Mapping) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

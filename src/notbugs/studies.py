@@ -21,18 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from notbugs import attacks, hdf5
-from notbugs.construct import choose_targets
+from notbugs.construct import choose_targets, predict
 from notbugs.train import to_float
 
 
 def _batches(images, batch_size: int, device: torch.device):
     for lo in range(0, len(images), batch_size):
         yield lo, to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
-
-
-def predict(model: torch.nn.Module, images, batch_size: int = 500, device: torch.device | str = "cpu") -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([model(x).argmax(1).cpu().numpy() for _, x in _batches(images, batch_size, device)])
 
 
 def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
