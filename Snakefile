@@ -1,5 +1,5 @@
 # notbugs: "Adversarial Examples Are Not Bugs, They Are Features", as a pipeline.
-# Stages: data -> train (sources) -> construct -> train (targets) -> evaluate -> plot.
+# Stages: data -> train (sources) -> construct -> train (targets) -> evaluate -> tables -> plot.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -13,6 +13,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/construct.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
 include: "workflow/rules/plot.smk"
 include: "workflow/rules/studies.smk"
 

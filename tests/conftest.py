@@ -4,7 +4,7 @@ import pytest
 import torch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """Small batches gain nothing from a second intra-op thread, and on a busy 2-core machine
     OpenMP spin-waiting can make a 2-thread run many times slower. Restored afterwards."""

@@ -1,8 +1,10 @@
-"""Small shared builders for tests: tiny data artifacts and tiny trained models."""
+"""Shared by the tests: repository paths, configs built through the schema, tiny data
+artifacts and tiny trained models, a dry-run parser, and kill-and-rerun helpers."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,15 +15,34 @@ import numpy as np
 import torch
 
 from notbugs import data, hdf5, train
+from notbugs.config import complete
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TRAIN = dict(epochs=3, batch_size=64, lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
-                  schedule="triangle", milestones=[0.5, 0.75], gamma=0.1, label_smoothing=0.0,
-                  drop_last=True, augment={}, adversarial=None)
+SNAKEFILE = REPO / "Snakefile"
+DEFAULT_CONFIG = REPO / "config.yaml"
+SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def train_config(**overrides) -> dict:
+    """A full training section (schema defaults) for tiny test models: 3 epochs, batch 64."""
+    return complete("targets.train", {"epochs": 3, "batch_size": 64, **overrides})
+
+
+def construction_config(**settings) -> dict:
+    return complete("constructions.test", settings)
+
+
+def fast_paths(**overrides) -> dict:
+    return complete("fast_paths", overrides)
+
+
+def synthetic_spec(**overrides) -> data.SyntheticSpec:
+    return data.SyntheticSpec(**complete("dataset.synthetic", overrides))
 
 
 def make_data_artifact(path: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    cfg = {"name": "tiny", "source": "synthetic", "n_train": n_train, "n_test": n_test, "synthetic": {}}
+    cfg = complete("dataset", {"name": "tiny", "source": "synthetic", "n_train": n_train, "n_test": n_test})
     return data.prepare(cfg, seed, path)
 
 
@@ -30,8 +51,23 @@ def train_tiny_model(data_path: Path, out_dir: Path, epochs: int = 3, seed: int 
     with hdf5.open_artifact(data_path) as art:
         mean, std = art.attrs["mean"], art.attrs["std"]
     train.train(images, labels, arch="small_cnn", num_classes=10, mean=mean, std=std,
-                cfg=dict(TINY_TRAIN, epochs=epochs), seed=seed, out_dir=out_dir, device=torch.device("cpu"))
+                cfg=train_config(epochs=epochs), seed=seed, out_dir=out_dir, device=torch.device("cpu"))
     return out_dir / "model.pt"
+
+
+def parse_dry_run(text: str) -> list[dict]:
+    """One dict per job that ``snakemake -n`` planned: ``rule``, first ``output``, ``resources``."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if not head or head.group(1) == "all":
+            continue
+        output = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
+        res_line = re.search(r"^\s+resources: (.*)$", block, re.M)
+        resources = dict(item.split("=", 1) for item in res_line.group(1).split(", ")) if res_line else {}
+        jobs.append({"rule": head.group(1), "output": output.group(1).strip() if output else "",
+                     "resources": resources})
+    return jobs
 
 
 def run_and_kill(code: str, trigger: str, timeout: float = 120) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
-from notbugs.config import ConfigError, load_config, validate_config
-
-ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
-CONFIG = ROOT / "config.yaml"
+from helpers import DEFAULT_CONFIG as CONFIG
+from helpers import SCHEMA
+from notbugs.config import ConfigError, complete, load_config, validate_config
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +48,10 @@ def test_repository_config_validates_and_gets_defaults(config, raw_config):
     assert config["sources"]["standard"]["train"]["augment"] == {"crop": False, "padding": 4, "flip": False}
     assert config["sources"]["standard"]["train"]["adversarial"] is None
     assert config["constructions"]["d_det"]["keep_best"] is True
-    assert config["constructions"]["d_det"]["start"] == "image"
-    assert config["constructions"]["d_leak_det"]["steps"] == 100
-    assert config["constructions"]["d_r"]["target"] == "random"
+    assert config["constructions"]["d_r"]["start"] == "image"
+    assert "start" not in config["constructions"]["d_det"]  # each method takes only its own settings
+    assert config["constructions"]["d_rand"]["steps"] == 50 and "steps" not in config["constructions"]["d_leak_det"]
+    assert "target" not in config["constructions"]["d_r"]
     assert config["dataset"]["root"] == "resources"
     assert config["dataset"]["synthetic"]["nonrobust_norm"] == 0.1
     assert config["targets"]["archs"] == ["small_cnn"]
@@ -140,3 +138,40 @@ def test_leakage_needs_no_source(config):
     config["targets"]["train_sets"] = ["d", "d_leak"]
     validate_config(config, SCHEMA)
     assert config["constructions"]["d_leak"]["eps"] == 0.5
+
+
+def test_adversarial_training_gets_its_defaults(config):
+    validate_config(config, SCHEMA)
+    adversarial = config["sources"]["robust"]["train"]["adversarial"]
+    assert adversarial["norm"] == "l2" and adversarial["random_start"] is False
+    assert config["sources"]["standard"]["train"]["adversarial"] is None
+
+
+def test_figure2_radius_must_be_evaluated(config):
+    config["evaluation"] = {"eps": [0.5]}
+    message = _error(config)
+    assert "figures.figure2_eps" in message and "0.25" in message
+
+
+def test_unknown_construction_setting_is_named(config):
+    config["constructions"]["d_det"]["epz"] = 0.5
+    message = _error(config)
+    assert "constructions.d_det.epz" in message
+
+
+def test_complete_fills_one_section_and_names_bad_keys():
+    train = complete("targets.train", {"epochs": 3})
+    assert train["epochs"] == 3 and train["augment"] == {"crop": False, "padding": 4, "flip": False}
+    assert complete("constructions.anything", {"method": "leakage"}) == {"method": "leakage", "target": "random",
+                                                                         "eps": 0.5}
+    with pytest.raises(ConfigError, match=r"'targets.train.epochs'"):
+        complete("targets.train", {"epochs": 0})
+    with pytest.raises(KeyError, match="no key"):
+        complete("targets.nothing")
+
+
+def test_defaults_are_copies_not_shared_objects(config):
+    validate_config(config, SCHEMA)
+    config["sources"]["standard"]["train"]["augment"]["crop"] = True
+    assert config["sources"]["robust"]["train"]["augment"]["crop"] is False
+    assert config["targets"]["train"]["augment"]["crop"] is False

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import synthetic_spec
+from notbugs.config import complete
 from notbugs import data
-from notbugs.data import (DataSourceError, SyntheticSpec, balanced_subset, load_cifar10, load_imagefolder,
+from notbugs.data import (DataSourceError, balanced_subset, load_cifar10, load_imagefolder,
                           make_synthetic, prepare, render_synthetic, synthetic_components,
                           synthetic_templates)
 from notbugs.hdf5 import open_artifact
 
-SPEC = SyntheticSpec()
+SPEC = synthetic_spec()
 SEED = 0
 N_TRAIN, N_TEST = 600, 600
 
@@ -126,7 +128,7 @@ def test_robust_feature_alone_is_not_fully_predictive(synth):
 
 
 def test_synthetic_spec_flip_prob_zero_makes_robust_predictive():
-    spec = SyntheticSpec(robust_flip_prob=0.0)
+    spec = synthetic_spec(robust_flip_prob=0.0)
     _, labels = make_synthetic(spec, 100, SEED, 1)
     comp = synthetic_components(spec, labels, SEED, 1)
     np.testing.assert_array_equal(comp["robust_class"], labels)
@@ -198,6 +200,7 @@ def test_load_imagefolder(tmp_path):
 
 def test_prepare_imagefolder(tmp_path):
     pixels = _make_imagefolder(tmp_path / "tree")
+    # 6 images is below the schema's minimum subset size, so this section is written out in full
     cfg = {"name": "x", "source": "imagefolder", "root": str(tmp_path / "tree"), "n_train": 6, "n_test": None}
     out = prepare(cfg, seed=0, output=tmp_path / "data.h5")
     assert out == tmp_path / "data.h5"
@@ -306,7 +309,7 @@ def test_load_cifar10_subset_and_prepare(fake_cifar, tmp_path):
     np.testing.assert_array_equal(tr["images"], train_raw[idx].reshape(-1, 3, 32, 32))
     np.testing.assert_array_equal(tr["labels"], np.asarray(train_labels)[idx])
 
-    cfg = {"name": "c", "source": "cifar10", "root": str(root), "n_train": 50, "n_test": 20}
+    cfg = complete("dataset", {"name": "c", "source": "cifar10", "root": str(root), "n_train": 50, "n_test": 20})
     out = prepare(cfg, seed=0, output=tmp_path / "out" / "data.h5")
     # prepare() downloads by default; with files present it must not need the network
     with open_artifact(out, kind="data") as art:
@@ -318,8 +321,8 @@ def test_load_cifar10_subset_and_prepare(fake_cifar, tmp_path):
 # --------------------------------------------------------------------------- prepare, synthetic
 
 def test_prepare_synthetic(tmp_path):
-    cfg = {"name": "s", "source": "synthetic", "n_train": 60, "n_test": 30,
-           "synthetic": {"robust_flip_prob": 0.2}}
+    cfg = complete("dataset", {"name": "s", "source": "synthetic", "n_train": 60, "n_test": 30,
+                               "synthetic": {"robust_flip_prob": 0.2}})
     out = prepare(cfg, seed=4, output=tmp_path / "results" / "s" / "data.h5")
     with open_artifact(out, kind="data") as art:
         train, test = art.split("train"), art.split("test")
@@ -327,7 +330,7 @@ def test_prepare_synthetic(tmp_path):
         assert train.images.dtype == np.float32 and train.images.shape == (60, 3, 32, 32)
         assert art.class_names == [f"class{c}" for c in range(10)]
         np.testing.assert_array_equal(np.bincount(train.labels, minlength=10), np.full(10, 6))
-        spec = SyntheticSpec(robust_flip_prob=0.2)
+        spec = synthetic_spec(robust_flip_prob=0.2)
         images, labels = make_synthetic(spec, 60, 4, 1)
         np.testing.assert_array_equal(train.images[:], images)
         np.testing.assert_array_equal(train.labels, labels)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from notbugs import gaussian as g
+from notbugs.config import complete
 
 DIM = 10
 MEAN_NORM = 2.0
@@ -32,7 +33,7 @@ def problem(condition_number: float, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def study():
-    return g.run_study({}, seed=0)
+    return g.run_study(complete("studies.gaussian"), seed=0)
 
 
 # --------------------------------------------------------------------------- setup sanity

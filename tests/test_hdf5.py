@@ -13,6 +13,7 @@ import pytest
 
 import notbugs
 from notbugs import hdf5
+from notbugs.runtime import partial_path
 from notbugs.hdf5 import ArtifactError, ChunkedWriter, ColumnSpec, load_split, open_artifact, write_artifact
 
 CLASSES = ["cat", "dog", "ship"]
@@ -60,7 +61,7 @@ def data_file(tmp_path):
 def test_data_round_trip_with_module(data_file):
     path, splits = data_file
     assert path.exists()
-    assert not hdf5._partial_path(path).exists()
+    assert not partial_path(path).exists()
     with open_artifact(path, kind="data") as art:
         assert art.kind == "data"
         assert sorted(art.splits) == ["test", "train"]
@@ -344,7 +345,7 @@ def test_chunked_writer_resume_and_finish(tmp_path):
     w.append(_rows(cols, 60, 100))
     assert w.done
     assert w.finish(**FINISH) == path
-    assert not hdf5._partial_path(path).exists()
+    assert not partial_path(path).exists()
 
     with open_artifact(path, kind="constructed") as art:
         split = art.split("train")
@@ -389,7 +390,7 @@ def test_chunked_writer_other_fingerprint_starts_over(tmp_path):
 
 def test_chunked_writer_discards_corrupt_partial(tmp_path):
     path = tmp_path / "d.h5"
-    hdf5._partial_path(path).write_bytes(b"garbage, e.g. a file killed while being created")
+    partial_path(path).write_bytes(b"garbage, e.g. a file killed while being created")
     w = ChunkedWriter(path, 10, COLUMN_SPECS, fingerprint="fp")
     assert w.rows_done == 0
     w.append(_rows(_columns(10), 0, 10))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from notbugs import models
+from notbugs.runtime import resolve_device
 from notbugs.models import (ARCHITECTURES, CheckpointError, build_model, load_model, read_checkpoint,
-                            resolve_device, save_checkpoint)
+                            save_checkpoint)
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
@@ -19,13 +20,7 @@ FEATURE_DIMS = {"small_cnn": 64, "small_cnn_wide": 128, "resnet18": 512, "resnet
                 "vgg16": 512, "densenet121": 1024}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from a second thread; avoids OpenMP contention slow-downs."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n=2, seed=0):

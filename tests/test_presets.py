@@ -6,22 +6,17 @@ Dry runs only: nothing here trains, reads data or submits jobs, and each test ta
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import DEFAULT_CONFIG, REPO, SCHEMA, SNAKEFILE, SNAKEMAKE, parse_dry_run
 from notbugs.config import load_config, validate_config
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
-DEFAULT_CONFIG = REPO / "config.yaml"
 PAPER = REPO / "configs/cifar10-paper.yaml"
 SLURM_PROFILE = REPO / "profiles/slurm"
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 STUDIES_OVERLAY = REPO / "configs/studies.yaml"  # an overlay, not a preset: it only switches studies on
 PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p != STUDIES_OVERLAY)
@@ -50,22 +45,12 @@ def _model_dirs(config: dict) -> set[str]:
 def dry_run(workdir: Path, *args: str) -> tuple[list[dict], str]:
     """Run ``snakemake -n`` on the repository's Snakefile in ``workdir``; return one dict per
     planned job (``rule``, ``output``, ``resources``) and the combined output."""
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "-n", *args]
+    cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(workdir), "-n", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     text = result.stdout + "\n" + result.stderr
     if result.returncode != 0:
         raise AssertionError(f"dry run failed ({result.returncode}): {' '.join(cmd)}\n{text[-4000:]}")
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
-        head = re.match(r"(?:local)?rule (\w+):", block)
-        if not head or head.group(1) == "all":
-            continue
-        output = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
-        res_line = re.search(r"^\s+resources: (.*)$", block, re.M)
-        resources = dict(item.split("=", 1) for item in res_line.group(1).split(", ")) if res_line else {}
-        jobs.append({"rule": head.group(1), "output": output.group(1).strip() if output else "",
-                     "resources": resources})
-    return jobs, text
+    return parse_dry_run(text), text
 
 
 # --------------------------------------------------------------------------- (a) schema
@@ -94,7 +79,7 @@ def test_preset_overrides_every_key_of_the_default_config(path):
 
 
 def test_paper_preset_matches_the_papers_recipe():
-    """Spot checks against ../shared/reference/paper-facts.md §1-§3."""
+    """Spot checks against docs/paper-notes.md §1-§3."""
     config = load_config(PAPER, SCHEMA)
     assert config["device"] == "cuda"
     assert config["dataset"]["source"] == "cifar10" and config["dataset"]["n_train"] is None

@@ -57,11 +57,13 @@ def _construct_code(data_path, source, output, chunk_size):
         import logging, sys, torch
         torch.set_num_threads(1)
         logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+        from notbugs.config import complete
         from notbugs.construct import construct
-        cfg = dict(method="pgd", source="standard", target="next", eps=0.5, steps=20, step_size=0.1,
-                   keep_best=True, start="image", step_decay="none", tolerance=0.1)
+        cfg = complete("constructions.d_det", dict(method="pgd", source="standard", target="next", eps=0.5,
+                                                   steps=20, step_size=0.1))
         construct("d_det", cfg, data_path={str(data_path)!r}, source_checkpoint={str(source)!r},
-                  output={str(output)!r}, seed=0, device=torch.device("cpu"), chunk_size={chunk_size})
+                  output={str(output)!r}, seed=0, device=torch.device("cpu"), chunk_size={chunk_size},
+                  fast=complete("fast_paths"))
     """)
 
 
@@ -90,11 +92,11 @@ def _evaluate_code(model, data_path, output):
         import logging, sys, torch
         torch.set_num_threads(1)
         logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+        from notbugs.config import complete
         from notbugs.evaluate import evaluate_checkpoint
-        cfg = dict(eps=[0.25, 0.5], norm="l2", steps=10, step_size_factor=2.5, restarts=1, random_start=True,
-                   batch_size=50)
+        cfg = complete("evaluation", dict(eps=[0.25, 0.5], steps=10, random_start=True, batch_size=50))
         evaluate_checkpoint({str(model)!r}, {str(data_path)!r}, cfg, {str(output)!r}, device=torch.device("cpu"),
-                            seed=3)
+                            seed=3, fast=complete("fast_paths"))
     """)
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, make_data_artifact, train_tiny_model
+from helpers import REPO, construction_config, fast_paths, make_data_artifact, train_tiny_model
 from notbugs import attacks, construct, hdf5, studies
+from notbugs.batches import predict
 from notbugs.config import ConfigError, validate_config
 from notbugs.models import build_model, load_model
 
@@ -90,7 +91,7 @@ def test_feature_classifier_learns_separable_features():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 400)
     features = np.eye(4)[labels] * 3 + rng.normal(0, 0.3, (400, 4))
-    fit = studies.fit_feature_classifier(features, labels, 4)
+    fit = studies.fit_feature_classifier(features, labels, 4, steps=200)
     assert studies.feature_classifier_accuracy(fit, features, labels) > 99
     shuffled = rng.permutation(labels)
     assert studies.feature_classifier_accuracy(fit, features, shuffled) < 50
@@ -110,10 +111,10 @@ def tiny_models(tmp_path_factory):
 
 
 def _build(root, data_path, paths, name, cfg, ensemble=()):
-    return construct.construct(name, cfg, data_path=data_path, source_checkpoint=paths["source" if "source" not in cfg
-                               else cfg["source"]], output=root / f"{name}.h5", seed=0,
-                               device=torch.device("cpu"), chunk_size=256,
-                               ensemble_checkpoints=[paths[e] for e in ensemble])
+    cfg = construction_config(**{"source": "source", **cfg, **({"ensemble": list(ensemble)} if ensemble else {})})
+    return construct.construct(name, cfg, data_path=data_path, source_checkpoint=paths[cfg["source"]],
+                               output=root / f"{name}.h5", seed=0, device=torch.device("cpu"), chunk_size=256,
+                               ensemble_checkpoints=[paths[e] for e in ensemble], fast=fast_paths())
 
 
 def test_nontransferable_examples_transfer_less_than_plain_pgd(tiny_models):
@@ -123,8 +124,8 @@ def test_nontransferable_examples_transfer_less_than_plain_pgd(tiny_models):
     nontransferable = _build(root, data_path, paths, "nt", dict(attack, method="nontransferable", ensemble_weight=4.0),
                              ensemble=("fresh_1", "fresh_2"))
     judge, _ = load_model(paths["judge"])
-    rate_plain = studies.judged_transfer_rate(judge, plain)
-    rate_nt = studies.judged_transfer_rate(judge, nontransferable)
+    rate_plain = studies.judged_transfer_rate(judge, plain, 500)
+    rate_nt = studies.judged_transfer_rate(judge, nontransferable, 500)
     summary_plain, summary_nt = studies.constructed_summary(plain), studies.constructed_summary(nontransferable)
     assert summary_nt["source_success_rate"] > 90, summary_nt  # it still fools the source
     assert summary_plain["source_success_rate"] > 90, summary_plain
@@ -140,7 +141,7 @@ def test_relabel_keeps_exactly_the_wrong_predictions(tiny_models):
     out = _build(root, data_path, paths, "relabel", {"method": "relabel", "source": "brief"})
     brief, _ = load_model(paths["brief"])
     images, labels = hdf5.load_split(data_path, "train")
-    predictions = studies.predict(brief, images)
+    predictions = predict(brief, images, 500)
     wrong = np.flatnonzero(predictions != labels)
     assert 0 < len(wrong) < len(labels)
     with hdf5.open_artifact(out, kind="constructed") as art:

@@ -1,11 +1,12 @@
-"""The aggregated tables: Table 1's significance column."""
+"""The tables stage: Table 1's significance column, Figure 2's rows, the models table."""
 
 import math
 
 import pandas as pd
 import pytest
 
-from notbugs.evaluate import binomial_tail, table1
+from notbugs import references
+from notbugs.tables import binomial_tail, figure2, models_table, table1
 
 
 def test_binomial_tail_exact_values():
@@ -29,3 +30,36 @@ def test_table1_reports_a_one_sided_p_value_against_chance():
     out = table1(models, 10).set_index("train_set")
     assert out.loc["d_rand", "p_above_chance"] == pytest.approx(binomial_tail(250, 2000, 0.1))
     assert out.loc["d_rand", "p_above_chance"] < 0.01 < out.loc["d_det", "p_above_chance"]
+
+
+def _metrics(std, robust):
+    return {"std_acc": std, "n_test": 100, "arch": "m", "adversarial": None, "train_seconds": 1.0,
+            "robust": [{"eps": eps, "robust_acc": acc, "norm": "l2", "steps": 2, "step_size": 0.1, "restarts": 1}
+                       for eps, acc in robust.items()]}
+
+
+def test_models_table_has_one_row_per_model_with_percentages():
+    metrics = {"sources/s": _metrics(0.9, {0.25: 0.1}), "targets/d_det/m": _metrics(0.5, {0.25: 0.0})}
+    models = models_table(metrics, {"d_det": {"success_rate": 0.75, "mean_perturbation_norm": 0.4}})
+    row = models.set_index("model").loc["targets/d_det/m"]
+    assert row["kind"] == "target" and row["train_set"] == "d_det" and row["std_acc"] == 50.0
+    assert row["robust_acc_eps0.25"] == 0.0 and row["construction_success_rate"] == 75.0
+    assert models.set_index("model").loc["sources/s", "train_set"] == "d"
+
+
+def test_figure2_reads_the_configured_radius_and_the_paper_values():
+    metrics = {"targets/d_r/m": _metrics(0.6, {0.25: 0.4, 0.5: 0.2})}
+    models = models_table(metrics, {})
+    for eps, robust in ((0.25, 40.0), (0.5, 20.0)):
+        row = figure2(models, {"standard_on_d_r": "targets/d_r/m"}, eps).iloc[0]
+        assert row["robust_acc"] == robust and row["eps"] == eps
+        assert row["paper_std_acc"] == references.FIGURE2["standard_on_d_r"][0].value
+    with pytest.raises(ValueError, match="no robust accuracy at eps=1"):
+        figure2(models, {"standard_on_d_r": "targets/d_r/m"}, 1.0)
+
+
+def test_table1_orders_sets_and_takes_reference_values():
+    models = models_table({f"targets/{s}/m": _metrics(0.3, {0.25: 0.0}) for s in ("d_det", "d", "d_rand")}, {})
+    out = table1(models, 10)
+    assert list(out.train_set) == ["d", "d_rand", "d_det"]
+    assert list(out.paper_test_acc) == [references.TABLE1[s].value for s in out.train_set]

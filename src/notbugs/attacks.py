@@ -197,7 +197,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
 
 
 def nontransferable_pgd(model: nn.Module, others: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
-                        target: torch.Tensor, *, eps: float, steps: int, step_size: float, weight: float = 1.0,
+                        target: torch.Tensor, *, eps: float, steps: int, step_size: float, weight: float,
                         keep_best: bool = True) -> AttackResult:
     """Nakkiran's non-transferable targeted L2 PGD: move ``model`` towards ``target`` while
     *descending* the mean loss of the independently trained ``others`` on the true label ``y``,
@@ -232,7 +232,7 @@ class InversionResult:
 
 
 def invert(model: nn.Module, start: torch.Tensor, target: torch.Tensor, *, steps: int, step_size: float,
-           tolerance: float = 0.1, keep_best: bool = True, step_decay: str = "none") -> InversionResult:
+           tolerance: float, step_decay: str, keep_best: bool = True) -> InversionResult:
     """Find z in [0,1]^d, starting at ``start``, whose representation matches ``target``'s:
     minimise ‖g(z) − g(target)‖₂ / ‖g(target)‖₂ with L2-normalised steps (no ε-ball)."""
     with frozen(model):

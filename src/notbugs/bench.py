@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from notbugs import attacks
+from notbugs.config import complete
 from notbugs.models import accelerate, build_model
 
 
@@ -112,7 +113,7 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         eps, step_size = 0.5, 0.1
 
         # As the pipeline runs it: with the default fast paths (BatchNorm folded, channels_last).
-        fast_model = accelerate(model)
+        fast_model = accelerate(model, complete("fast_paths"))
 
         def ours():
             attacks.pgd(fast_model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
@@ -133,7 +134,8 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         except ImportError:
             pass
         start = torch.rand_like(x)
-        attack_fns["notbugs inversion"] = lambda: attacks.invert(fast_model, start, x, steps=steps, step_size=0.1)
+        attack_fns["notbugs inversion"] = lambda: attacks.invert(fast_model, start, x, steps=steps, step_size=0.1,
+                                                                       tolerance=0.1, step_decay="none")
         results = _interleaved_rates(attack_fns, batch * steps, min_seconds)
 
         from notbugs.train import train_step
@@ -169,11 +171,11 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
 _CONSTRUCT_CHILD = """
 import sys, torch
 torch.set_num_threads(1)
+from notbugs.config import complete
 from notbugs.construct import construct
-cfg = dict(method="pgd", source="s", target="next", eps=0.5, steps=2, step_size=0.1, keep_best=True,
-           start="image", step_decay="none", tolerance=0.1)
+cfg = complete("constructions.bench", dict(method="pgd", source="s", target="next", eps=0.5, steps=2, step_size=0.1))
 construct("bench", cfg, data_path=sys.argv[1], source_checkpoint=sys.argv[2], output=sys.argv[3],
-          seed=0, device=torch.device("cpu"), chunk_size=256)
+          seed=0, device=torch.device("cpu"), chunk_size=256, fast=complete("fast_paths"))
 # The child's own high-water mark: a parent's rusage would include the pages it shared at fork.
 print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
 """
@@ -195,7 +197,7 @@ def construction_peak_rss(n: int, workdir, print_fn=print) -> dict:
     peaks = {}
     for size in (n, 4 * n):
         data_path = workdir / f"data_{size}.h5"
-        prepare({"name": "bench", "source": "synthetic", "n_train": size, "n_test": 100, "synthetic": {}}, 0, data_path)
+        prepare(complete("dataset", {"name": "bench", "source": "synthetic", "n_train": size, "n_test": 100}), 0, data_path)
         done = subprocess.run([sys.executable, "-c", _CONSTRUCT_CHILD, str(data_path), str(checkpoint),
                                str(workdir / f"out_{size}.h5")], capture_output=True, text=True, check=True)
         peaks[size] = int(done.stdout.split()[-1]) / 1024  # VmHWM is in KiB

@@ -1,17 +1,23 @@
-"""Config validation: the JSON schema (with defaults) plus the cross-references a schema cannot
-express. Errors name the offending key as a dotted path, e.g. ``constructions.d_det.eps``."""
+"""Config validation: the JSON schema (``config.schema.yaml`` beside this module, the one home of
+every default) plus the cross-references a schema cannot express. Errors name the offending key
+as a dotted path, e.g. ``constructions.d_det.eps``.
+
+Library code indexes configs strictly; whoever builds a config (Snakemake, the tests, the bench)
+passes it through :func:`validate_config` or, for one section, :func:`complete`.
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Mapping
 
 import yaml
 
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 ORIGINAL_SET = "d"  # the unmodified training set, as a train_sets entry
-MODEL_METHODS = ("inversion", "pgd", "nontransferable", "relabel")
 LINEAR_SOURCE = "linear_robust"    # robust_leakage study
 RELABEL_SOURCE = "brief"           # rebuttals study: the briefly trained model that relabels
 RELABEL_SET = "d_relabel"
@@ -25,41 +31,82 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def validate_config(config: dict, schema_path: str | Path) -> dict:
-    """Validate ``config`` in place with Snakemake's validator (which fills defaults), then check
-    references between sections. Raises :class:`ConfigError` naming the key."""
-    schema_path = Path(schema_path).resolve()
-    _validate_with_schema(config, schema_path)
+@functools.lru_cache(maxsize=4)
+def _load_schema(path: str) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def schema(schema_path: str | Path | None = None) -> dict:
+    """The config schema (a fresh copy)."""
+    return copy.deepcopy(_load_schema(str(Path(schema_path or SCHEMA_PATH).resolve())))
+
+
+def _filling_validator(schema_doc: dict):
+    """A Draft 2020-12 validator that also inserts each missing property's ``default`` (a copy)
+    into objects, including objects it has just inserted, and never into null or other types."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, subschema):
+        if validator.is_type(instance, "object"):
+            for name, prop in properties.items():
+                if "default" in prop and name not in instance:
+                    instance[name] = copy.deepcopy(prop["default"])
+        yield from check_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(base, {"properties": properties_with_defaults})(schema_doc)
+
+
+def _fill_and_check(instance, schema_doc: dict, key_prefix: tuple = ()) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_filling_validator(schema_doc).iter_errors(instance))
+    if error is None:
+        return
+    path = [*key_prefix, *error.absolute_path]
+    if error.validator == "required" and isinstance(error.instance, dict):
+        path.append(next(name for name in error.validator_value if name not in error.instance))
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        # name the unknown key itself, not just the object that contains it
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        if unknown:
+            path.append(",".join(map(str, unknown)))
+    raise ConfigError(f"config key '{_dotted(path)}': {error.message}")
+
+
+def validate_config(config: dict, schema_path: str | Path | None = None) -> dict:
+    """Validate ``config`` in place, filling the schema's defaults, then check references
+    between sections. Raises :class:`ConfigError` naming the key."""
+    schema_doc = schema(schema_path)
+    _fill_and_check(config, schema_doc)
     if expand_studies(config):
-        _validate_with_schema(config, schema_path)  # fills the defaults of what the studies added
+        _fill_and_check(config, schema_doc)  # fills the defaults of what the studies added
     check_references(config)
     return config
 
 
-def _validate_with_schema(config: dict, schema_path: Path) -> None:
-    import jsonschema
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate
+def _subschema(schema_doc: dict, section: str) -> dict:
+    node = schema_doc
+    for part in section.split("."):
+        while "$ref" in node:
+            node = schema_doc["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        if part in node.get("properties", {}):
+            node = node["properties"][part]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            raise KeyError(f"the config schema has no key {section!r}")
+    return {**node, "$defs": schema_doc["$defs"]}
 
-    try:
-        validate(config, str(schema_path), set_default=True)
-        # The validator inserts the schema's default objects without copying them, so sections
-        # would share one dict; give every section its own (deepcopy would keep the aliasing).
-        config.update(json.loads(json.dumps(config)))
-    except WorkflowError as exc:
-        schema = yaml.safe_load(schema_path.read_text())
-        validator = jsonschema.Draft202012Validator(schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-        if error is None:
-            raise ConfigError(str(exc)) from exc
-        path = list(error.absolute_path)
-        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-            # name the unknown key itself, not just the object that contains it
-            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            if unknown:
-                path.append(",".join(map(str, unknown)))
-        key = _dotted(path)
-        raise ConfigError(f"config key '{key}': {error.message}") from None
+
+def complete(section: str, value: Mapping | None = None) -> dict:
+    """One config section (a dotted key such as ``targets.train``, ``fast_paths`` or
+    ``constructions.<any name>``) with every schema default filled in, validated."""
+    filled = copy.deepcopy(dict(value or {}))
+    _fill_and_check(filled, _subschema(schema(), section), tuple(section.split(".")))
+    return filled
 
 
 def fresh_sources(k: int) -> list[str]:
@@ -89,7 +136,7 @@ def _pgd_construction(config: Mapping, study: str) -> tuple[str, dict]:
 def expand_studies(config: dict) -> bool:
     """Add what each enabled study needs: sources, constructions and training sets.
     Returns whether anything was added (the additions still need their defaults filled)."""
-    studies = config.get("studies", {})
+    studies = config["studies"]
     sources, constructions = config["sources"], config["constructions"]
     train_sets = config["targets"]["train_sets"]
     before = json.dumps([sources, constructions, train_sets], sort_keys=True)
@@ -98,11 +145,11 @@ def expand_studies(config: dict) -> bool:
         if name not in train_sets:
             train_sets.append(name)
 
-    if studies.get("transfer", {}).get("enabled"):
+    if studies["transfer"]["enabled"]:
         name, _ = _pgd_construction(config, "transfer")
         want_train_set(ORIGINAL_SET)
         want_train_set(name)
-    if studies.get("robust_leakage", {}).get("enabled"):
+    if studies["robust_leakage"]["enabled"]:
         study = studies["robust_leakage"]
         eps = study["eps"]
         _add(sources, "sources", LINEAR_SOURCE, {"arch": "linear", "train": {
@@ -111,7 +158,7 @@ def expand_studies(config: dict) -> bool:
         for i, cons in enumerate(study["constructions"]):
             if cons not in constructions:
                 raise ConfigError(f"config key 'studies.robust_leakage.constructions.{i}': no construction {cons!r}")
-    if studies.get("rebuttals", {}).get("enabled"):
+    if studies["rebuttals"]["enabled"]:
         study = studies["rebuttals"]
         name, cons = _pgd_construction(config, "rebuttals")
         base = sources[cons["source"]]
@@ -135,26 +182,24 @@ def check_references(config: Mapping) -> None:
     sources = config["sources"]
     constructions = config["constructions"]
     for name, cons in constructions.items():
-        if cons["method"] in MODEL_METHODS:
-            if "source" not in cons:
-                raise ConfigError(f"config key 'constructions.{name}.source': method "
-                                  f"{cons['method']!r} needs a source model")
-            if cons["source"] not in sources:
-                raise ConfigError(f"config key 'constructions.{name}.source': no source named "
-                                  f"{cons['source']!r} (sources: {sorted(sources)})")
+        # The schema says which methods need a source and an ensemble; here only the names are checked.
+        if "source" in cons and cons["source"] not in sources:
+            raise ConfigError(f"config key 'constructions.{name}.source': no source named "
+                              f"{cons['source']!r} (sources: {sorted(sources)})")
         for i, member in enumerate(cons.get("ensemble", [])):
             if member not in sources:
                 raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': no source named {member!r}")
-        if cons["method"] == "nontransferable" and not cons.get("ensemble"):
-            raise ConfigError(f"config key 'constructions.{name}.ensemble': method 'nontransferable' needs "
-                              "at least one independently trained source model")
     for i, train_set in enumerate(config["targets"]["train_sets"]):
         if train_set != ORIGINAL_SET and train_set not in constructions:
             raise ConfigError(f"config key 'targets.train_sets.{i}': {train_set!r} is neither "
                               f"'{ORIGINAL_SET}' nor a construction ({sorted(constructions)})")
+    eps = config["figures"]["figure2_eps"]
+    if eps not in config["evaluation"]["eps"]:
+        raise ConfigError(f"config key 'figures.figure2_eps': {eps} is not one of the radii that evaluation "
+                          f"computes (evaluation.eps: {config['evaluation']['eps']})")
 
 
-def load_config(path: str | Path, schema_path: str | Path) -> dict:
+def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:
     """Read a YAML config file and validate it (for tools outside Snakemake)."""
     config = yaml.safe_load(Path(path).read_text()) or {}
     return validate_config(copy.deepcopy(config), schema_path)

@@ -1,83 +1,184 @@
 """Stage 3, construct: the paper's training sets, built from a source model's view of the data.
 
-Methods (``method`` in a construction's config):
+A construction *method* is a small class in :data:`METHODS` (the config schema lists the same
+names, each with its own settings; a test pins the two together). A method says whether it needs
+a source model, picks the rows and target labels (:meth:`Method.plan`) and builds one chunk
+(:meth:`Method.build`). :func:`construct` is the loop every method plugs into: it streams the
+data in chunks and appends each finished chunk to a ``.partial`` HDF5 file, so memory does not
+grow with the dataset and a killed job resumes at the last finished chunk. Images are float32:
+uint8 rounding would erase the non-robust perturbation.
 
-- ``inversion`` (D_R through a robust source, D_NR through a standard one): for each training
-  pair (x, y) start from another randomly drawn training image (or from noise 0.5 + N(0,1)/20)
-  and minimise ‖g(z) − g(x)‖₂/‖g(x)‖₂ with normalised L2 steps; label y.
-- ``pgd`` (D_rand, D_det, D_other): targeted L2 PGD from δ=0 towards t inside ‖δ‖₂ ≤ ε,
-  normalised steps, projection and clamp, keeping the lowest-loss iterate; label t.
-- ``leakage`` (control, no model): add a fixed random pattern of norm ε keyed to t; label t.
-- ``nontransferable`` (Nakkiran's rebuttal): like ``pgd``, but the attack also *descends* the
-  mean loss of independently trained ``ensemble`` models on the true label y, so the examples
-  fool the source without carrying features other models would read as t; label t.
-- ``relabel`` (Wallace's rebuttal): no perturbation; keep only the training images that a
-  briefly trained source gets *wrong*, labelled with its wrong prediction.
+Methods (docs/paper-notes.md §2 and §6):
 
-Targets ``t``: ``random`` (uniform over all classes, so t = y about 1/C of the time),
-``next`` (t = (y+1) mod C) or ``other`` (t = y + U{1..C−1}, never the true label).
-
-Construction streams the data in chunks and appends each finished chunk to a ``.partial``
-HDF5 file, so memory does not grow with the dataset and a killed job resumes at the last
-finished chunk. Images are float32: uint8 rounding would erase the non-robust perturbation.
+- ``inversion`` (D_R through a robust source, D_NR through a standard one).
+- ``pgd`` (D_rand, D_det, D_other).
+- ``leakage`` (control, no model).
+- ``nontransferable`` (Nakkiran's rebuttal).
+- ``relabel`` (Wallace's rebuttal).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from notbugs import attacks, hdf5
+from notbugs.batches import predict, read_rows, to_float
 from notbugs.models import accelerate, file_sha256, load_model
-from notbugs.train import to_float
+from notbugs.sampling import choose_targets, chunk_generator, derangement
 
 log = logging.getLogger(__name__)
 
-TARGET_SCHEMES = ("random", "next", "other")
-METHODS = ("inversion", "pgd", "nontransferable", "leakage", "relabel")
+
+@dataclass
+class Chunk:
+    """One chunk of the rows a method works on, as its :meth:`Method.build` receives it."""
+    x: torch.Tensor            # original images, float in [0, 1], on the device
+    labels: torch.Tensor       # original labels y
+    targets: torch.Tensor      # the labels the constructed rows will carry
+    rows: np.ndarray           # their indices in the data's train split
+    generator: torch.Generator  # seeded for this chunk (same numbers after a resume)
+    read_images: Callable[[np.ndarray], torch.Tensor]  # other train rows, float, on the device
 
 
-def choose_targets(scheme: str, labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
-    if scheme == "random":
-        return rng.integers(0, n_classes, size=len(labels)).astype(np.int64)
-    if scheme == "next":
-        return (labels + 1) % n_classes
-    if scheme == "other":
-        return (labels + rng.integers(1, n_classes, size=len(labels))) % n_classes
-    raise ValueError(f"unknown target scheme {scheme!r}; expected one of {TARGET_SCHEMES}")
+@dataclass
+class Built:
+    """What a method makes of one chunk: the new images and per-example diagnostics."""
+    images: torch.Tensor
+    loss: torch.Tensor               # final attack loss or relative representation distance
+    perturbation_norm: torch.Tensor  # L2 norm of the change
+    target_reached: torch.Tensor     # the attack's success (bool)
 
 
-def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random permutation with no fixed point: every image starts from *another* image."""
-    if n < 2:
-        raise ValueError("inversion from another image needs at least two training images")
-    perm = rng.permutation(n)
-    for i in np.flatnonzero(perm == np.arange(n)):
-        j = (i + 1) % n
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
+class Method:
+    """A construction method. Subclasses set ``name`` and override what differs."""
+
+    name: ClassVar[str]
+    needs_source: ClassVar[bool] = True
+    has_success_rate: ClassVar[bool] = True  # False: target_reached carries no meaning
+
+    def __init__(self, cfg: Mapping, *, seed: int, source: torch.nn.Module | None = None,
+                 ensemble: Sequence[torch.nn.Module] = ()):
+        self.cfg, self.seed, self.source, self.ensemble = cfg, seed, source, list(ensemble)
+
+    def plan(self, images, labels: np.ndarray, n_classes: int, rng: np.random.Generator,
+             batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the train split to construct from, their new labels). Default: every row,
+        relabelled with the configured target scheme."""
+        return np.arange(len(labels)), choose_targets(self.cfg["target"], labels, n_classes, rng)
+
+    def build(self, chunk: Chunk) -> Built:
+        raise NotImplementedError
+
+
+class Inversion(Method):
+    """For each (x, y): start from another randomly drawn training image (or from noise
+    0.5 + N(0,1)/20) and minimise ‖g(z) − g(x)‖₂/‖g(x)‖₂ with normalised L2 steps; label y."""
+
+    name = "inversion"
+
+    def plan(self, images, labels, n_classes, rng, batch_size, device):
+        self.starts = derangement(len(labels), rng) if self.cfg["start"] == "image" else None
+        return np.arange(len(labels)), labels
+
+    def build(self, chunk: Chunk) -> Built:
+        if self.starts is not None:
+            start = chunk.read_images(self.starts[chunk.rows])
+        else:
+            start = (0.5 + torch.randn(chunk.x.shape, generator=chunk.generator) / 20).clamp(0, 1).to(chunk.x.device)
+        cfg = self.cfg
+        res = attacks.invert(self.source, start, chunk.x, steps=cfg["steps"], step_size=cfg["step_size"],
+                             tolerance=cfg["tolerance"], step_decay=cfg["step_decay"])
+        return Built(res.x_inv, res.loss, res.perturbation_norm, res.reached)
+
+
+class TargetedPGD(Method):
+    """Targeted L2 PGD from δ=0 towards t inside ‖δ‖₂ ≤ ε, normalised steps, projection and
+    clamp, keeping the lowest-loss iterate; label t."""
+
+    name = "pgd"
+
+    def build(self, chunk: Chunk) -> Built:
+        cfg = self.cfg
+        res = attacks.pgd(self.source, chunk.x, chunk.targets, eps=cfg["eps"], steps=cfg["steps"],
+                          step_size=cfg["step_size"], norm="l2", targeted=True, keep_best=cfg["keep_best"],
+                          generator=chunk.generator)
+        return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)
+
+
+class NonTransferablePGD(Method):
+    """Like ``pgd``, but the attack also *descends* the mean loss of independently trained
+    ``ensemble`` models on the true label y, so the examples fool the source without carrying
+    features other models would read as t; label t."""
+
+    name = "nontransferable"
+
+    def build(self, chunk: Chunk) -> Built:
+        cfg = self.cfg
+        res = attacks.nontransferable_pgd(self.source, self.ensemble, chunk.x, chunk.labels, chunk.targets,
+                                          eps=cfg["eps"], steps=cfg["steps"], step_size=cfg["step_size"],
+                                          weight=cfg["ensemble_weight"], keep_best=cfg["keep_best"])
+        return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)
 
 
 def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int) -> np.ndarray:
+    """One fixed Gaussian pattern per class, each of L2 norm ``eps``."""
     rng = np.random.default_rng([seed, 0x1EA4])
     patterns = rng.standard_normal((n_classes,) + tuple(shape)).astype(np.float32)
     norms = np.linalg.norm(patterns.reshape(n_classes, -1), axis=1).reshape(-1, *([1] * len(shape)))
     return patterns / norms * eps
 
 
-def _read_rows(dataset, rows: np.ndarray) -> np.ndarray:
-    if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-        return dataset[rows[0]:rows[0] + len(rows)]  # a slice: h5py's point selection is slow
-    order = np.argsort(rows)
-    out = np.empty((len(rows),) + dataset.shape[1:], dtype=dataset.dtype)
-    out[order] = dataset[rows[order]]
-    return out
+class Leakage(Method):
+    """Control without a model: add a fixed random pattern of norm ε keyed to t; label t."""
+
+    name = "leakage"
+    needs_source = False
+    has_success_rate = False
+
+    def plan(self, images, labels, n_classes, rng, batch_size, device):
+        self.patterns = torch.from_numpy(
+            leakage_patterns(n_classes, images.shape[1:], self.cfg["eps"], self.seed)).to(device)
+        return super().plan(images, labels, n_classes, rng, batch_size, device)
+
+    def build(self, chunk: Chunk) -> Built:
+        x_new = (chunk.x + self.patterns[chunk.targets]).clamp(0, 1)
+        n = len(chunk.targets)
+        return Built(x_new, torch.full((n,), float("nan"), device=x_new.device),
+                     (x_new - chunk.x).flatten(1).norm(dim=1), torch.zeros(n, dtype=torch.bool, device=x_new.device))
+
+
+class Relabel(Method):
+    """No perturbation: keep only the training images that a briefly trained source gets
+    *wrong*, labelled with its wrong prediction."""
+
+    name = "relabel"
+
+    def plan(self, images, labels, n_classes, rng, batch_size, device):
+        predictions = predict(self.source, images, batch_size, device)
+        rows = np.flatnonzero(predictions != labels)
+        if len(rows) == 0:
+            raise ValueError("the source classifies every training image correctly, so relabelling keeps "
+                             "nothing; train the source for fewer epochs")
+        return rows, predictions
+
+    def build(self, chunk: Chunk) -> Built:
+        n = len(chunk.targets)
+        with torch.no_grad():
+            loss = F.cross_entropy(self.source(chunk.x), chunk.targets, reduction="none")
+        return Built(chunk.x, loss, torch.zeros(n, device=chunk.x.device),
+                     torch.ones(n, dtype=torch.bool, device=chunk.x.device))
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, NonTransferablePGD, Leakage, Relabel)}
 
 
 def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
@@ -92,50 +193,35 @@ def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
     }
 
 
-def predict(model: torch.nn.Module, images, batch_size: int = 500, device: torch.device | str = "cpu") -> np.ndarray:
-    """The model's class for every image, batch by batch (``images`` may be an h5py dataset)."""
-    preds = []
-    with torch.no_grad():
-        for lo in range(0, len(images), batch_size):
-            x = to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
-            preds.append(model(x).argmax(1).cpu().numpy())
-    return np.concatenate(preds).astype(np.int64)
-
-
 def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoint: str | Path | None,
-              output: str | Path, seed: int, device: torch.device, chunk_size: int = 512,
-              ensemble_checkpoints: Sequence[str | Path] = (), fast: Mapping | None = None) -> Path:
-    """Build construction ``name`` into ``output`` (resuming a matching ``.partial`` file)."""
-    method = cfg["method"]
-    if method not in METHODS:
-        raise ValueError(f"construction {name}: unknown method {method!r}; expected one of {METHODS}")
-    source_sha = file_sha256(source_checkpoint) if method != "leakage" else None
-    model, others = None, []
-    if method != "leakage":
-        model = accelerate(load_model(source_checkpoint, device=device)[0], fast)
-        others = [accelerate(load_model(path, device=device)[0], fast) for path in ensemble_checkpoints]
+              output: str | Path, seed: int, device: torch.device, chunk_size: int, fast: Mapping,
+              ensemble_checkpoints: Sequence[str | Path] = ()) -> Path:
+    """Build construction ``name`` (its validated config ``cfg``) into ``output``, resuming a
+    matching ``.partial`` file."""
+    method_class = METHODS.get(cfg["method"])
+    if method_class is None:
+        raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
+    source, ensemble, source_sha = None, [], None
+    if method_class.needs_source:
+        source_sha = file_sha256(source_checkpoint)
+        source = accelerate(load_model(source_checkpoint, device=device)[0], fast)
+        ensemble = [accelerate(load_model(path, device=device)[0], fast) for path in ensemble_checkpoints]
+    method = method_class(cfg, seed=seed, source=source, ensemble=ensemble)
 
     with hdf5.open_artifact(data_path, kind="data") as data:
         train = data.split("train")
         class_names = data.class_names
-        n_classes = len(class_names)
         image_shape = tuple(train.images.shape[1:])
         labels = train.labels
-        rng = np.random.default_rng([seed, 0xC0257])
-        rows = np.arange(len(labels))
-        if method == "inversion":
-            targets = labels
-        elif method == "relabel":
-            predictions = predict(model, train.images, chunk_size, device)
-            rows = np.flatnonzero(predictions != labels)
-            if len(rows) == 0:
-                raise ValueError(f"construction {name}: the source classifies every training image correctly, "
-                                 "so relabelling keeps nothing; train the source for fewer epochs")
-            targets = predictions
-        else:
-            targets = choose_targets(cfg["target"], labels, n_classes, rng)
-        starts = derangement(len(labels), rng) if method == "inversion" and cfg["start"] == "image" else None
+        try:
+            rows, targets = method.plan(train.images, labels, len(class_names), np.random.default_rng([seed, 0xC0257]),
+                                        chunk_size, device)
+        except ValueError as exc:
+            raise ValueError(f"construction {name}: {exc}") from exc
         n = len(rows)
+
+        def read_images(index: np.ndarray) -> torch.Tensor:
+            return to_float(torch.from_numpy(read_rows(train.images, index))).to(device)
 
         fingerprint = json.dumps({"cfg": cfg, "seed": seed, "chunk": chunk_size, "source": source_sha,
                                   "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
@@ -143,66 +229,35 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         writer = hdf5.ChunkedWriter(output, n, _columns(image_shape), fingerprint)
         if writer.rows_done:
             log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
-        if method == "leakage":
-            patterns = torch.from_numpy(leakage_patterns(n_classes, image_shape, cfg["eps"], seed)).to(device)
         bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
         try:
             for lo in range(writer.rows_done, n, chunk_size):
-                hi = min(lo + chunk_size, n)
-                index = rows[lo:hi]
-                x = to_float(torch.from_numpy(_read_rows(train.images, index))).to(device)
-                t = torch.from_numpy(targets[index]).to(device)
-                if method == "pgd":
-                    gen = torch.Generator().manual_seed(seed * 1_000_003 + lo)
-                    res = attacks.pgd(model, x, t, eps=cfg["eps"], steps=cfg["steps"], step_size=cfg["step_size"],
-                                      norm="l2", targeted=True, keep_best=cfg["keep_best"], generator=gen)
-                    x_new, loss, reached, moved = res.x_adv, res.loss, res.success, res.perturbation_norm
-                elif method == "nontransferable":
-                    y = torch.from_numpy(labels[index]).to(device)
-                    res = attacks.nontransferable_pgd(model, others, x, y, t, eps=cfg["eps"], steps=cfg["steps"],
-                                                      step_size=cfg["step_size"], weight=cfg.get("ensemble_weight", 1.0),
-                                                      keep_best=cfg["keep_best"])
-                    x_new, loss, reached, moved = res.x_adv, res.loss, res.success, res.perturbation_norm
-                elif method == "inversion":
-                    if starts is not None:
-                        start = to_float(torch.from_numpy(_read_rows(train.images, starts[lo:hi]))).to(device)
-                    else:
-                        gen = torch.Generator().manual_seed(seed * 1_000_003 + lo)
-                        start = (0.5 + torch.randn(x.shape, generator=gen) / 20).clamp(0, 1).to(device)
-                    res = attacks.invert(model, start, x, steps=cfg["steps"], step_size=cfg["step_size"],
-                                         tolerance=cfg["tolerance"], step_decay=cfg["step_decay"])
-                    x_new, loss, reached, moved = res.x_inv, res.loss, res.reached, res.perturbation_norm
-                elif method == "relabel":
-                    x_new, moved = x, torch.zeros(len(t), device=device)
-                    with torch.no_grad():
-                        loss = torch.nn.functional.cross_entropy(model(x), t, reduction="none")
-                    reached = torch.ones(len(t), dtype=torch.bool, device=device)
-                else:  # leakage
-                    x_new = (x + patterns[t]).clamp(0, 1)
-                    moved = (x_new - x).flatten(1).norm(dim=1)
-                    loss = torch.full((len(t),), float("nan"), device=device)
-                    reached = torch.zeros(len(t), dtype=torch.bool, device=device)
+                index = rows[lo:lo + chunk_size]
+                chunk = Chunk(x=read_images(index), labels=torch.from_numpy(labels[index]).to(device),
+                              targets=torch.from_numpy(targets[index]).to(device), rows=index,
+                              generator=chunk_generator(seed, lo), read_images=read_images)
+                built = method.build(chunk)
                 writer.append({
-                    "images": x_new.float().cpu().numpy(),
+                    "images": built.images.float().cpu().numpy(),
                     "labels": targets[index],
                     "orig_index": index.astype(np.int64),
                     "orig_label": labels[index],
-                    "loss": loss.float().cpu().numpy(),
-                    "perturbation_norm": moved.float().cpu().numpy(),
-                    "target_reached": reached.cpu().numpy(),
+                    "loss": built.loss.float().cpu().numpy(),
+                    "perturbation_norm": built.perturbation_norm.float().cpu().numpy(),
+                    "target_reached": built.target_reached.cpu().numpy(),
                 })
-                bar.update(hi - lo)
-                log.info("%s: %d/%d rows done", name, hi, n)
+                bar.update(len(index))
+                log.info("%s: %d/%d rows done", name, lo + len(index), n)
             bar.close()
-            reached_all = writer.read_column("target_reached")
             norms = writer.read_column("perturbation_norm")
             summary = {
-                "method": method,
+                "method": cfg["method"],
                 "attack": json.dumps(dict(cfg)),
-                "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
+                "source_checkpoint": str(source_checkpoint) if method_class.needs_source else "",
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
-                "success_rate": float(reached_all.mean()) if method != "leakage" else float("nan"),
+                "success_rate": (float(writer.read_column("target_reached").mean())
+                                 if method.has_success_rate else float("nan")),
                 "mean_perturbation_norm": float(norms.mean()),
                 "max_perturbation_norm": float(norms.max()),
                 "label_equals_orig_rate": float((targets[rows] == labels[rows]).mean()),
@@ -211,6 +266,6 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
             }
             log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
             return writer.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
-                                 seed=seed, source=f"{method} construction {name!r}", extra_attrs=summary)
+                                 seed=seed, source=f"{cfg['method']} construction {name!r}", extra_attrs=summary)
         finally:
             writer.close()

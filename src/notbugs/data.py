@@ -55,6 +55,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 
 
+SOURCES = ("synthetic", "cifar10", "imagefolder")
+
+
 class DataSourceError(RuntimeError):
     """A data source that cannot be read: missing archive, wrong directory layout, ..."""
 
@@ -63,15 +66,20 @@ class DataSourceError(RuntimeError):
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    n_classes: int = 10
-    robust_norm: float = 5.0
-    robust_flip_prob: float = 0.3
-    nonrobust_norm: float = 0.1
-    background_std: float = 0.06
-    pixel_noise: float = 0.01
-    tile: int = 2
-    size: int = 32
+    """The generative parameters: config section ``dataset.synthetic`` (defaults in the schema)."""
+    n_classes: int
+    robust_norm: float
+    robust_flip_prob: float
+    nonrobust_norm: float
+    background_std: float
+    pixel_noise: float
+    tile: int
+    size: int = 32      # fixed image geometry, not configurable
     channels: int = 3
+
+
+# Sizes of the synthetic splits when dataset.n_train / n_test are null ("the whole set").
+SYNTHETIC_FULL_SIZE = {"train": 5000, "test": 1000}
 
 
 def _smooth_field(rng: np.random.Generator, n: int, channels: int, grid: int, size: int) -> np.ndarray:
@@ -223,11 +231,14 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def prepare(dataset_cfg: Mapping, seed: int, output: str | Path) -> Path:
     """Build the data artifact described by the ``dataset`` config section."""
     source = dataset_cfg["source"]
-    n_train, n_test = dataset_cfg.get("n_train"), dataset_cfg.get("n_test")
+    if source not in SOURCES:
+        raise DataSourceError(f"unknown dataset.source {source!r}; expected one of {SOURCES}")
+    n_train, n_test = dataset_cfg["n_train"], dataset_cfg["n_test"]
     if source == "synthetic":
-        spec = SyntheticSpec(**dataset_cfg.get("synthetic", {}))
+        spec = SyntheticSpec(**dataset_cfg["synthetic"])
         splits = {}
-        for split, n, split_seed in (("train", n_train or 5000, 1), ("test", n_test or 1000, 2)):
+        for split, n, split_seed in (("train", n_train or SYNTHETIC_FULL_SIZE["train"], 1),
+                                     ("test", n_test or SYNTHETIC_FULL_SIZE["test"], 2)):
             images, labels = make_synthetic(spec, n, seed, split_seed)
             splits[split] = {"images": images, "labels": labels}
         classes = [f"class{c}" for c in range(spec.n_classes)]
@@ -235,11 +246,9 @@ def prepare(dataset_cfg: Mapping, seed: int, output: str | Path) -> Path:
     elif source == "cifar10":
         splits, classes = load_cifar10(dataset_cfg["root"], n_train, n_test, seed)
         description = f"torchvision CIFAR10 from {dataset_cfg['root']}"
-    elif source == "imagefolder":
+    else:  # imagefolder
         splits, classes = load_imagefolder(dataset_cfg["root"], n_train, n_test, seed)
         description = f"ImageFolder {Path(dataset_cfg['root']).resolve()}"
-    else:
-        raise DataSourceError(f"unknown dataset.source {source!r}")
     mean, std = channel_stats(splits["train"]["images"])
     log.info("%s: %d train / %d test images, %d classes", description,
              len(splits["train"]["labels"]), len(splits["test"]["labels"]), len(classes))

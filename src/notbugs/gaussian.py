@@ -98,8 +98,6 @@ import torch
 from numpy.polynomial.hermite import hermgauss
 
 N_NODES = 300
-DEFAULTS: dict = {"dim": 10, "n_samples": 20000, "eps": [0.0, 0.25, 0.5, 1.0],
-                  "condition_numbers": [1, 2, 5, 10, 20, 50, 100], "mean_norm": 2.0}
 
 FITS_COLUMNS = ["condition_number", "eps", "kappa_closed_form", "kappa_population", "kappa_sample",
                 "cos_population_closed_form", "cos_sample_closed_form", "stein_residual",
@@ -434,10 +432,9 @@ def fit_samples(x, y, eps: float, w0=None, tol_grad: float = 1e-9) -> np.ndarray
 # --------------------------------------------------------------------------- study
 
 def run_study(cfg: Mapping, seed: int) -> dict[str, pd.DataFrame]:
-    """All tables of the module docstring for the configuration ``cfg`` (keys of ``DEFAULTS``;
-    missing keys take their defaults).  The sample fit at each ε is warm-started from the one at
+    """All tables of the module docstring for the configuration ``cfg`` (the validated config
+    section ``studies.gaussian``).  The sample fit at each ε is warm-started from the one at
     the previous ε (the first from the sample Σ̂⁻¹μ̂)."""
-    cfg = {**DEFAULTS, **dict(cfg or {})}
     d, n = int(cfg["dim"]), int(cfg["n_samples"])
     eps_list = [float(e) for e in cfg["eps"]]
     conds = [float(c) for c in cfg["condition_numbers"]]

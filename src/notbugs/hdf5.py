@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from notbugs import __version__
+from notbugs.runtime import atomic_write, partial_path
 
 FORMAT = "notbugs"
 FORMAT_VERSION = 1
@@ -47,10 +48,6 @@ ROWS_PER_CHUNK = 256
 
 class ArtifactError(ValueError):
     """An HDF5 file that is missing, foreign, truncated or not laid out as notbugs writes it."""
-
-
-def _partial_path(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def _dataset_kwargs(shape: tuple[int, ...]) -> dict:
@@ -97,23 +94,16 @@ def write_artifact(path: str | os.PathLike, *, kind: str, splits: Mapping[str, M
         raise ValueError(f"a {kind!r} artifact needs splits {sorted(missing)}")
     for split, arrays in splits.items():
         _check_split_arrays(split, arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_root_attrs(f, kind, config, seed, source, extra_attrs)
-            f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
-            for split, arrays in splits.items():
-                group = f.create_group(split)
-                for name, arr in arrays.items():
-                    arr = np.asarray(arr)
-                    if name == "labels":
-                        arr = arr.astype(np.int64)
-                    group.create_dataset(name, data=arr, **_dataset_kwargs(arr.shape))
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a half-written file that looks finished
-        raise
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        _write_root_attrs(f, kind, config, seed, source, extra_attrs)
+        f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
+        for split, arrays in splits.items():
+            group = f.create_group(split)
+            for name, arr in arrays.items():
+                arr = np.asarray(arr)
+                if name == "labels":
+                    arr = arr.astype(np.int64)
+                group.create_dataset(name, data=arr, **_dataset_kwargs(arr.shape))
     return path
 
 
@@ -142,7 +132,7 @@ class ChunkedWriter:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = _partial_path(self.path)
+        self._partial = partial_path(self.path)
         self._file = self._reopen() or self._create()
 
     def _reopen(self) -> h5py.File | None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+
+from notbugs.runtime import atomic_write
 
 CHECKPOINT_FORMAT = "notbugs-checkpoint-1"
 
@@ -187,14 +189,9 @@ def fold_batchnorm(model: Classifier) -> Classifier:
     return folded
 
 
-# As in the config schema (key fast_paths).
-FAST_PATH_DEFAULTS = {"fold_batchnorm": True, "channels_last": True, "bf16_autocast": False, "compile": False}
-
-
-def accelerate(model: Classifier, fast: dict | None = None) -> nn.Module:
-    """Apply the configured fast paths (config key ``fast_paths``) to a model used with frozen
-    weights, i.e. by attacks and evaluation."""
-    fast = {**FAST_PATH_DEFAULTS, **(fast or {})}
+def accelerate(model: Classifier, fast: Mapping) -> nn.Module:
+    """Apply the configured fast paths (the validated config section ``fast_paths``) to a model
+    used with frozen weights, i.e. by attacks and evaluation."""
     if fast["fold_batchnorm"]:
         model = fold_batchnorm(model)
     if fast["channels_last"]:
@@ -204,25 +201,14 @@ def accelerate(model: Classifier, fast: dict | None = None) -> nn.Module:
     return model
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
-    return torch.device(name)
-
-
 def save_checkpoint(path: str | os.PathLike, model: Classifier, *, arch: str, num_classes: int,
                     mean: Sequence[float], std: Sequence[float], config: dict, **extra) -> None:
     """Atomically save everything needed to rebuild the model from the file alone."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(format=CHECKPOINT_FORMAT, arch=arch, num_classes=num_classes,
                    mean=list(mean), std=list(std), config=config,
                    state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

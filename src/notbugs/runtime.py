@@ -1,10 +1,14 @@
-"""What every pipeline job does first: log to its log file, size its thread pool, pick a device."""
+"""What every pipeline job sets up: logging to its log file, its thread pool, its device; and the
+one way notbugs writes a file so that nothing half-written appears under a finished name."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 
 def start_logging(log_path: str | Path | None) -> None:
@@ -19,11 +23,20 @@ def start_logging(log_path: str | Path | None) -> None:
                         handlers=handlers, force=True)
 
 
+def resolve_device(name: str = "auto"):
+    """``auto`` is CUDA when present, else CPU; an explicit CUDA device must exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    return torch.device(name)
+
+
 def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto"):
     """:func:`start_logging`, then use ``threads`` CPU threads and return the torch device."""
     import torch
-
-    from notbugs.models import resolve_device
 
     start_logging(log_path)
     torch.set_num_threads(max(1, int(threads)))
@@ -31,3 +44,24 @@ def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto
     resolved = resolve_device(device)
     logging.getLogger("notbugs").info("device %s, %d CPU threads", resolved, torch.get_num_threads())
     return resolved
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where a file is written before it is complete."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on any error
+    (or interrupt) remove it. A reader never sees a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

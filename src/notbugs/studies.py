@@ -20,14 +20,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from notbugs import attacks, hdf5
-from notbugs.construct import choose_targets, predict
-from notbugs.train import to_float
-
-
-def _batches(images, batch_size: int, device: torch.device):
-    for lo in range(0, len(images), batch_size):
-        yield lo, to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
+from notbugs import attacks, hdf5, references
+from notbugs.batches import float_batches, predict
+from notbugs.models import accelerate, load_model
+from notbugs.runtime import atomic_write
+from notbugs.sampling import choose_targets
 
 
 def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
@@ -40,14 +37,14 @@ def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
 # --- Transferability vs learnability -----------------------------------------------------------
 
 def transfer_rates(source: torch.nn.Module, victims: Mapping[str, torch.nn.Module], images: np.ndarray,
-                   labels: np.ndarray, construction: Mapping, n_classes: int, *, seed: int,
-                   device: torch.device | str = "cpu", batch_size: int = 500) -> dict[str, float]:
+                   labels: np.ndarray, construction: Mapping, n_classes: int, *, seed: int, batch_size: int,
+                   device: torch.device | str = "cpu") -> dict[str, float]:
     """Replay a pgd construction's attack on ``images`` and return, per victim, the fraction of
     adversarial examples it classifies as the attack's target; ``"source"`` is the attack's own
     success rate."""
     targets = choose_targets(construction["target"], labels, n_classes, np.random.default_rng([seed, 0x7EA5]))
     hits = {name: 0 for name in ["source", *victims]}
-    for lo, x in _batches(images, batch_size, device):
+    for lo, x in float_batches(images, batch_size, device):
         t = torch.from_numpy(targets[lo:lo + len(x)]).to(device)
         res = attacks.pgd(source, x, t, eps=construction["eps"], steps=construction["steps"],
                           step_size=construction["step_size"], targeted=True, keep_best=construction["keep_best"])
@@ -90,8 +87,7 @@ def linear_features(model: torch.nn.Module, image_shape: Sequence[int]) -> tuple
 
 
 def feature_values(weights: np.ndarray, bias: np.ndarray, images) -> np.ndarray:
-    flat = np.concatenate([to_float(torch.from_numpy(np.asarray(images[lo:lo + 1000]))).flatten(1).double().numpy()
-                           for lo in range(0, len(images), 1000)])
+    flat = np.concatenate([x.flatten(1).double().numpy() for _, x in float_batches(images, 1000)])
     return flat @ weights.T + bias
 
 
@@ -118,7 +114,7 @@ def certify_linear_features(weights: np.ndarray, bias: np.ndarray, images, label
                          "robustly_useful": gamma > 0})
 
 
-def fit_feature_classifier(features: np.ndarray, labels: np.ndarray, n_classes: int, *, steps: int = 200,
+def fit_feature_classifier(features: np.ndarray, labels: np.ndarray, n_classes: int, *, steps: int,
                            weight_decay: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Multinomial logistic regression on standardised features (full batch, LBFGS).
     Returns (mean, std, W, b) so that logits = ((f − mean)/std)·Wᵀ + b."""
@@ -155,22 +151,19 @@ def robust_leakage_table(weights, bias, train_sets: Mapping[str, tuple], test: t
         rows.append({"train_set": name,
                      "features_only_test_acc": feature_classifier_accuracy(fit, test_features, test[1]),
                      "deep_model_test_acc": 100 * deep_metrics.get(name, {}).get("std_acc", float("nan")),
-                     "paper_features_only": GOH_REFERENCE.get(name, float("nan")),
+                     "paper_features_only": references.GOH_FEATURES_ONLY.get(name, float("nan")),
                      "chance": 100 / n_classes})
     return pd.DataFrame(rows)
 
 
-GOH_REFERENCE = {"d_rand": 23.5, "d_det": 6.81}  # paper-facts §6, CIFAR-10
-
-
 # --- Rebuttals (Nakkiran, Wallace) ------------------------------------------------------------
 
-def judged_transfer_rate(judge: torch.nn.Module, constructed_path: str | Path, device: torch.device | str = "cpu"
-                         ) -> float:
+def judged_transfer_rate(judge: torch.nn.Module, constructed_path: str | Path, batch_size: int,
+                         device: torch.device | str = "cpu") -> float:
     """Fraction of a constructed set that an independently trained model classifies as its label."""
     with hdf5.open_artifact(constructed_path, kind="constructed") as cons:
         split = cons.split("train")
-        return float((predict(judge, split.images, device=device) == split.labels).mean() * 100)
+        return float((predict(judge, split.images, batch_size, device) == split.labels).mean() * 100)
 
 
 def constructed_summary(path: str | Path) -> dict:
@@ -184,21 +177,82 @@ def read_metrics(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-NAKKIRAN_REFERENCE = {"pgd": 33.0, "nontransferable": 3.0}  # paper-facts §6, D_det-style test accuracy
-WALLACE_REFERENCE = {"relabeller_test_acc": 63.0, "kept_fraction": 100 * 18768 / 50000, "target_test_acc": 49.7}
-
-
 def rebuttals_table(nakkiran: Mapping[str, Mapping], wallace: Mapping) -> pd.DataFrame:
     """``nakkiran``: {train_set: {method, rows, source_success_rate, judge_transfer_rate,
     target_test_acc}}; ``wallace``: {relabeller_test_acc, rows, train_rows, target_test_acc}."""
     rows = [{"study": "nakkiran", "train_set": name, **values,
-             "paper_target_test_acc": NAKKIRAN_REFERENCE.get(values["method"], float("nan"))}
+             "paper_target_test_acc": references.NAKKIRAN_TARGET_TEST_ACC.get(values["method"], float("nan"))}
             for name, values in nakkiran.items()]
     rows.append({"study": "wallace", "train_set": wallace["train_set"], "method": "relabel",
                  "rows": wallace["rows"], "kept_fraction": 100 * wallace["rows"] / wallace["train_rows"],
                  "relabeller_test_acc": wallace["relabeller_test_acc"],
                  "target_test_acc": wallace["target_test_acc"],
-                 "paper_target_test_acc": WALLACE_REFERENCE["target_test_acc"],
-                 "paper_relabeller_test_acc": WALLACE_REFERENCE["relabeller_test_acc"],
-                 "paper_kept_fraction": WALLACE_REFERENCE["kept_fraction"]})
+                 "paper_target_test_acc": references.WALLACE["target_test_acc"],
+                 "paper_relabeller_test_acc": references.WALLACE["relabeller_test_acc"],
+                 "paper_kept_fraction": references.WALLACE["kept_fraction"]})
     return pd.DataFrame(rows)
+
+
+# --- The study rules: paths in, tables out ------------------------------------------------------
+
+def transfer_study(*, source_path, standard_paths: Mapping[str, str], learned_metrics: Mapping[str, str],
+                   standard_metrics: Mapping[str, str], data_path, construction: Mapping, fast: Mapping,
+                   seed: int, batch_size: int, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Paper Fig. 3: ``*_paths`` / ``*_metrics`` map an architecture to its standard model's
+    checkpoint and to the metrics.json of its standard model and of its model trained on the
+    constructed set whose attack (``construction``) is replayed on the test images."""
+    source = accelerate(load_model(source_path, device=device)[0], fast)
+    victims = {arch: accelerate(load_model(path, device=device)[0], fast) for arch, path in standard_paths.items()}
+    with hdf5.open_artifact(data_path, kind="data") as data:
+        test, n_classes = data.split("test"), len(data.class_names)
+        rates = transfer_rates(source, victims, test.images[:], test.labels, construction, n_classes,
+                               seed=seed, batch_size=batch_size, device=device)
+    return transfer_table(rates, {a: read_metrics(p) for a, p in learned_metrics.items()},
+                          {a: read_metrics(p) for a, p in standard_metrics.items()})
+
+
+def robust_leakage_study(*, linear_path, data_path, constructed: Mapping[str, str], deep_metrics: Mapping[str, str],
+                         eps: float, feature_epochs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Goh's leakage study: (accuracy table, per-feature certificate table) for the robust linear
+    model ``linear_path``, the constructed sets ``constructed`` (name → file) and the deep
+    targets' metrics.json files."""
+    model, _ = load_model(linear_path)
+    with hdf5.open_artifact(data_path, kind="data") as data:
+        train, test = data.split("train"), data.split("test")
+        n_classes, image_shape = len(data.class_names), train.images.shape[1:]
+        weights, bias = linear_features(model, image_shape)
+        features = certify_linear_features(weights, bias, train.images[:], train.labels, eps)
+        sets = {"d": (train.images[:], train.labels)}
+        for name, path in constructed.items():
+            sets[name] = hdf5.load_split(path, "train", kind="constructed")
+        table = robust_leakage_table(weights, bias, sets, (test.images[:], test.labels), n_classes,
+                                     {n: read_metrics(p) for n, p in deep_metrics.items()}, steps=feature_epochs)
+    return table, features
+
+
+def rebuttals_study(*, judge_path, constructed: Mapping[str, str], learned_metrics: Mapping[str, str],
+                    relabelled_path, relabel_metrics, relabeller_metrics, data_path, batch_size: int,
+                    device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Nakkiran and Wallace: ``constructed`` / ``learned_metrics`` map each of the plain and the
+    non-transferable set to its file and to its target's metrics.json; the judge is a fresh model
+    trained on D that took no part in either attack."""
+    judge, _ = load_model(judge_path, device=device)
+    nakkiran = {}
+    for name, path in constructed.items():
+        with hdf5.open_artifact(path, kind="constructed") as cons:
+            method = cons.attrs["method"]
+        nakkiran[name] = {"method": method, **constructed_summary(path),
+                          "judge_transfer_rate": judged_transfer_rate(judge, path, batch_size, device),
+                          "target_test_acc": 100 * read_metrics(learned_metrics[name])["std_acc"]}
+    with hdf5.open_artifact(data_path, kind="data") as data:
+        train_rows = len(data.split("train"))
+    wallace = {"train_set": Path(relabelled_path).stem, "rows": constructed_summary(relabelled_path)["rows"],
+               "train_rows": train_rows,
+               "relabeller_test_acc": 100 * read_metrics(relabeller_metrics)["std_acc"],
+               "target_test_acc": 100 * read_metrics(relabel_metrics)["std_acc"]}
+    return rebuttals_table(nakkiran, wallace)
+
+
+def write_table(table: pd.DataFrame, path) -> None:
+    with atomic_write(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")

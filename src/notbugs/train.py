@@ -29,7 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from notbugs import attacks
+from notbugs.batches import to_float
 from notbugs.models import build_model, save_checkpoint
+from notbugs.runtime import atomic_write
+from notbugs.sampling import epoch_generator
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "seconds"]
@@ -55,8 +58,8 @@ def lr_at(epoch: int, cfg: Mapping) -> float:
 def augment(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, per example, on x's device."""
     n, _, h, w = x.shape
-    if cfg.get("crop"):
-        pad = cfg.get("padding", 4)
+    if cfg["crop"]:
+        pad = cfg["padding"]
         padded = F.pad(x, (pad, pad, pad, pad))
         oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
         ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
@@ -65,14 +68,10 @@ def augment(x: torch.Tensor, cfg: Mapping, generator: torch.Generator) -> torch.
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
-    if cfg.get("flip"):
+    if cfg["flip"]:
         flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(3), x)
     return x
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
 def fingerprint(cfg: Mapping, seed: int, n_train: int) -> str:
@@ -92,7 +91,7 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
     model = build_model(arch, num_classes, mean, std).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=cfg["weight_decay"], nesterov=cfg.get("nesterov", False))
+                          weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
     start_epoch, history, elapsed = 0, [], 0.0
     if resume_path.exists():
         state = torch.load(resume_path, map_location=device, weights_only=False)
@@ -106,14 +105,14 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
 
     x_all = torch.from_numpy(images).to(device)
     y_all = torch.from_numpy(labels).to(device)
-    adv = cfg.get("adversarial")
-    threat = attacks.threat_model(adv.get("norm", "l2"), adv["eps"], adv["step_size"]) if adv else None
+    adv = cfg["adversarial"]
+    threat = attacks.threat_model(adv["norm"], adv["eps"], adv["step_size"]) if adv else None
     n, bs = len(labels), cfg["batch_size"]
-    steps_per_epoch = max(1, n // bs) if cfg.get("drop_last", True) and n >= bs else math.ceil(n / bs)
+    steps_per_epoch = max(1, n // bs) if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
 
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        gen = epoch_generator(seed, epoch)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
         order = torch.randperm(n, generator=gen).to(device)
@@ -125,11 +124,11 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
                    leave=False, mininterval=1 if os.isatty(2) else 30)
         for step in bar:
             idx = order[step * bs:(step + 1) * bs]
-            x = augment(to_float(x_all[idx]), cfg.get("augment", {}), gen)
+            x = augment(to_float(x_all[idx]), cfg["augment"], gen)
             y = y_all[idx]
             if threat is not None:
                 x = _adversarial_batch(model, x, y, threat, adv, gen)
-            logits, loss = train_step(model, opt, x, y, cfg.get("label_smoothing", 0.0))
+            logits, loss = train_step(model, opt, x, y, cfg["label_smoothing"])
             total_loss += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -139,11 +138,9 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
         history.append(row)
         log.info("epoch %d/%d  loss %.4f  acc %.4f  lr %.4g", row["epoch"], cfg["epochs"],
                  row["train_loss"], row["train_acc"], row["lr"])
-        resume_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = resume_path.with_name("last.pt.partial")
-        torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
-        os.replace(tmp, resume_path)
+        with atomic_write(resume_path) as tmp:
+            torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
 
     write_log(out_dir / "train_log.csv", history)
     save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
@@ -167,16 +164,13 @@ def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator) 
     def loss_fn(z):
         return -F.cross_entropy(model(z), y, reduction="none")
     with attacks.frozen(model):
-        x_adv, _ = attacks.descend(x, loss_fn, threat, adv["steps"], random_start=adv.get("random_start", False),
+        x_adv, _ = attacks.descend(x, loss_fn, threat, adv["steps"], random_start=adv["random_start"],
                                    generator=gen)
     return x_adv
 
 
 def write_log(path: Path, history: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)

@@ -46,7 +46,7 @@ def training_set_file(wildcards):
 def construction_inputs(wildcards):
     inputs = {"data": f"{RESULTS}/data.h5"}
     construction = config["constructions"][wildcards.name]
-    if construction["method"] != "leakage":
+    if "source" in construction:  # the schema requires one exactly for the methods that use a model
         inputs["source"] = f"{RESULTS}/sources/{construction['source']}/model.pt"
     inputs["ensemble"] = [f"{RESULTS}/sources/{s}/model.pt" for s in construction.get("ensemble", [])]
     return inputs

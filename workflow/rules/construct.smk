@@ -16,7 +16,7 @@ rule construct:
         "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
-        gpu=lambda wc: 0 if config["constructions"][wc.name]["method"] == "leakage" else GPU,
+        gpu=lambda wc: GPU if "source" in config["constructions"][wc.name] else 0,
         mem_mb=8000,
         runtime=24 * 60,
     script:

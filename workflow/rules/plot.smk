@@ -4,6 +4,8 @@ rule plot_figure2:
     output:
         report(f"{RESULTS}/figures/figure2.png", caption="../report/figure2.rst", category="Figures"),
         f"{RESULTS}/figures/figure2.pdf",
+    params:
+        plot="figure2",
     log:
         f"{LOGS}/plot/figure2.log",
     conda:
@@ -18,6 +20,8 @@ rule plot_table1:
     output:
         report(f"{RESULTS}/figures/table1.png", caption="../report/table1.rst", category="Figures"),
         f"{RESULTS}/figures/table1.pdf",
+    params:
+        plot="table1",
     log:
         f"{LOGS}/plot/table1.log",
     conda:
@@ -33,6 +37,7 @@ rule plot_training_curves:
         report(f"{RESULTS}/figures/training_curves.png", caption="../report/training_curves.rst", category="Figures"),
         f"{RESULTS}/figures/training_curves.pdf",
     params:
+        plot="training_curves",
         names=model_dirs(),
     log:
         f"{LOGS}/plot/training_curves.log",
@@ -50,6 +55,7 @@ rule plot_grid:
         report(f"{RESULTS}/figures/grids/{{name}}.png", caption="../report/grid.rst", category="Constructed images", subcategory="{name}"),
         f"{RESULTS}/figures/grids/{{name}}.pdf",
     params:
+        plot="grid",
         examples=config["figures"]["grid_examples"],
         amplify=config["figures"]["amplify"],
     log:

@@ -13,6 +13,8 @@ if STUDIES["transfer"]["enabled"]:
         output:
             study_table("transfer"),
         params:
+            study_name="transfer",
+            batch_size=config["evaluation"]["batch_size"],
             archs=TRANSFER_ARCHS,
             construction=config["constructions"][TRANSFER_SET],
             fast=config["fast_paths"],
@@ -45,6 +47,8 @@ if STUDIES["robust_leakage"]["enabled"]:
             accuracy=study_table("robust_leakage"),
             features=study_table("robust_leakage_features"),
         params:
+            study_name="robust_leakage",
+            device="cpu",
             constructions=LEAKAGE_SETS,
             deep_sets=[s for s in LEAKAGE_SETS if s in TRAIN_SETS],
             study=STUDIES["robust_leakage"],
@@ -65,6 +69,8 @@ if STUDIES["gaussian"]["enabled"]:
             misalignment=study_table("gaussian_misalignment"),
             eigen=study_table("gaussian_eigen"),
         params:
+            study_name="gaussian",
+            device="cpu",
             study=STUDIES["gaussian"],
             seed=config["seed"],
         log:
@@ -92,6 +98,8 @@ if STUDIES["rebuttals"]["enabled"]:
         output:
             study_table("rebuttals"),
         params:
+            study_name="rebuttals",
+            batch_size=config["evaluation"]["batch_size"],
             names=REBUTTAL_SETS,
             device=config["device"],
         log:
@@ -116,7 +124,7 @@ for _study in ENABLED_STUDIES:
             report(f"{RESULTS}/figures/{_study}.png", caption=f"../report/{_study}.rst", category="Studies"),
             f"{RESULTS}/figures/{_study}.pdf",
         params:
-            study=_study,
+            plot=_study,
         log:
             f"{LOGS}/plot/{_study}.log",
         conda:

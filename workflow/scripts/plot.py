@@ -1,4 +1,4 @@
-"""Snakemake glue for the plot_* rules."""
+"""Snakemake glue for the plot_* rules: ``params.plot`` names the figure."""
 
 import pandas as pd
 
@@ -6,34 +6,36 @@ from notbugs import hdf5, plots
 from notbugs.runtime import start_logging
 
 
+def grid(smk, out):
+    n = smk.params.examples
+    with hdf5.open_artifact(smk.input.constructed, kind="constructed") as cons, \
+            hdf5.open_artifact(smk.input.data, kind="data") as data:
+        split = cons.split("train")
+        # Constructed rows keep the original order, so orig_index[:n] is increasing.
+        original = data.split("train").images[split["orig_index"][:n]]
+        plots.image_grid(original, split.images[:n], split["orig_label"][:n], split.labels[:n], cons.class_names,
+                         out, amplify=smk.params.amplify, title=f"{smk.wildcards.name}: {cons.attrs['source']}")
+
+
+def tables(smk):
+    return [pd.read_csv(path) for path in smk.input]
+
+
+PLOTS = {
+    "figure2": lambda smk, out: plots.figure2(*tables(smk), out),
+    "table1": lambda smk, out: plots.table1(*tables(smk), out),
+    "training_curves": lambda smk, out: plots.training_curves(dict(zip(smk.params.names, tables(smk))), out),
+    "grid": grid,
+    "transfer": lambda smk, out: plots.transfer(*tables(smk), out),
+    "robust_leakage": lambda smk, out: plots.robust_leakage(*tables(smk), out),
+    "gaussian": lambda smk, out: plots.gaussian(*tables(smk), out),
+    "rebuttals": lambda smk, out: plots.rebuttals(*tables(smk), out),
+}
+
+
 def main(smk):
     start_logging(smk.log[0])
-    out = smk.output[0]
-    if smk.rule == "plot_figure2":
-        plots.figure2(pd.read_csv(smk.input[0]), out)
-    elif smk.rule == "plot_table1":
-        plots.table1(pd.read_csv(smk.input[0]), out)
-    elif smk.rule == "plot_training_curves":
-        plots.training_curves({name: pd.read_csv(path) for name, path in zip(smk.params.names, smk.input)}, out)
-    elif smk.rule == "plot_grid":
-        n = smk.params.examples
-        with hdf5.open_artifact(smk.input.constructed, kind="constructed") as cons, \
-                hdf5.open_artifact(smk.input.data, kind="data") as data:
-            split = cons.split("train")
-            # Constructed rows keep the original order, so orig_index[:n] is increasing.
-            original = data.split("train").images[split["orig_index"][:n]]
-            plots.image_grid(original, split.images[:n], split["orig_label"][:n], split.labels[:n], cons.class_names,
-                             out, amplify=smk.params.amplify, title=f"{smk.wildcards.name}: {cons.attrs['source']}")
-    elif smk.rule == "plot_transfer":
-        plots.transfer(pd.read_csv(smk.input[0]), out)
-    elif smk.rule == "plot_robust_leakage":
-        plots.robust_leakage(pd.read_csv(smk.input[0]), pd.read_csv(smk.input[1]), out)
-    elif smk.rule == "plot_gaussian":
-        plots.gaussian(*(pd.read_csv(path) for path in smk.input), out)
-    elif smk.rule == "plot_rebuttals":
-        plots.rebuttals(pd.read_csv(smk.input[0]), out)
-    else:
-        raise ValueError(f"unknown plot rule {smk.rule}")
+    PLOTS[smk.params.plot](smk, smk.output[0])
 
 
 if __name__ == "__main__":

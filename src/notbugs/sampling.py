@@ -1,0 +1,45 @@
+"""Seeded draws shared by the stages: target classes, start images, and the per-chunk
+generators that make chunked jobs resume with the same random numbers they would have drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TARGET_SCHEMES = ("random", "next", "other")
+
+
+def chunk_generator(seed: int, offset: int) -> torch.Generator:
+    """The generator for the chunk or batch starting at row ``offset``: one per chunk, not one
+    stream for the whole set, so a job resumed at a chunk boundary draws the same numbers."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + offset)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one training epoch (shuffle, augmentation, attack starts)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def choose_targets(scheme: str, labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Target class per example: ``random`` (uniform over all classes, so t = y about 1/C of the
+    time), ``next`` (t = (y+1) mod C) or ``other`` (t = y + U{1..C−1}, never the true label)."""
+    if scheme == "random":
+        return rng.integers(0, n_classes, size=len(labels)).astype(np.int64)
+    if scheme == "next":
+        return (labels + 1) % n_classes
+    if scheme == "other":
+        return (labels + rng.integers(1, n_classes, size=len(labels))) % n_classes
+    raise ValueError(f"unknown target scheme {scheme!r}; expected one of {TARGET_SCHEMES}")
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point: every image starts from *another* image."""
+    if n < 2:
+        raise ValueError("inversion from another image needs at least two training images")
+    perm = rng.permutation(n)
+    for i in np.flatnonzero(perm == np.arange(n)):
+        if perm[i] == i:  # an earlier swap may have moved it already
+            # Swapping a fixed point with its neighbour never creates a new one (perm[j] != i).
+            j = (i + 1) % n
+            perm[i], perm[j] = perm[j], perm[i]
+    return perm

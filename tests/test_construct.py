@@ -1,0 +1,160 @@
+"""Construction methods at the array level (no HDF5), and the registry pinned to the schema."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import construction_config
+from notbugs import construct
+from notbugs.config import ConfigError, schema
+from notbugs.models import build_model
+from notbugs.sampling import chunk_generator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_CLASSES = 10
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("small_cnn", N_CLASSES, [0.5] * 3, [0.25] * 3).eval()
+
+
+def _images(n=24, seed=0):
+    return torch.rand((n, 3, 32, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(method, images: torch.Tensor, labels: np.ndarray, seed=0):
+    """Plan and build every row as one chunk, as construct() does, but on arrays."""
+    rows, targets = method.plan(images.numpy(), labels, N_CLASSES, np.random.default_rng([seed, 1]), 64, "cpu")
+    chunk = construct.Chunk(x=images[rows], labels=torch.from_numpy(labels[rows]),
+                            targets=torch.from_numpy(targets[rows]), rows=rows, generator=chunk_generator(seed, 0),
+                            read_images=lambda index: images[index])
+    return rows, targets, method.build(chunk)
+
+
+def _labels(n=24):
+    return np.arange(n, dtype=np.int64) % N_CLASSES
+
+
+# --------------------------------------------------------------------------- registry vs schema
+
+def test_registry_and_schema_name_the_same_methods():
+    doc = schema()
+    enum = doc["$defs"]["construction"]["properties"]["method"]["enum"]
+    assert sorted(enum) == sorted(construct.METHODS)
+    branches = {b["if"]["properties"]["method"]["const"]: b["then"]["$ref"] for b in doc["$defs"]["construction"]["allOf"]}
+    assert sorted(branches) == sorted(construct.METHODS)
+    for name, method in construct.METHODS.items():
+        entry = doc["$defs"][branches[name].rsplit("/", 1)[1]]
+        assert entry["properties"]["method"] == {"const": name}
+        # The workflow decides from the config alone whether a job needs a source model.
+        assert ("source" in entry["required"]) == method.needs_source, name
+
+
+def test_each_method_rejects_settings_it_does_not_use():
+    with pytest.raises(ConfigError, match=r"'constructions.test.steps'"):
+        construction_config(method="leakage", steps=3)
+    with pytest.raises(ConfigError, match=r"'constructions.test.eps'"):
+        construction_config(method="inversion", source="s", eps=0.5)
+    with pytest.raises(ConfigError, match=r"'source' is a required property"):
+        construction_config(method="pgd")
+
+
+# --------------------------------------------------------------------------- each method on arrays
+
+def test_targeted_pgd_stays_in_the_ball_and_labels_with_the_target():
+    images, labels = _images(), _labels()
+    method = construct.TargetedPGD(construction_config(method="pgd", source="s", target="next", steps=10),
+                                   seed=0, source=_model())
+    rows, targets, built = _run(method, images, labels)
+    np.testing.assert_array_equal(rows, np.arange(len(labels)))
+    np.testing.assert_array_equal(targets, (labels + 1) % N_CLASSES)
+    assert built.perturbation_norm.max() <= 0.5 + 1e-5
+    torch.testing.assert_close(built.perturbation_norm, (built.images - images).flatten(1).norm(dim=1))
+    assert built.images.min() >= 0 and built.images.max() <= 1
+    with torch.no_grad():
+        predicted = _model()(built.images).argmax(1)
+    torch.testing.assert_close(built.target_reached, predicted == torch.from_numpy(targets))
+
+
+def test_nontransferable_pgd_stays_in_the_ball():
+    images, labels = _images(), _labels()
+    cfg = construction_config(method="nontransferable", source="s", ensemble=["a"], target="other", steps=5)
+    method = construct.NonTransferablePGD(cfg, seed=0, source=_model(0), ensemble=[_model(1)])
+    _, targets, built = _run(method, images, labels)
+    assert (targets != labels).all()
+    assert built.perturbation_norm.max() <= 0.5 + 1e-5
+
+
+def test_inversion_starts_from_another_image_and_moves_towards_x():
+    images, labels = _images(), _labels()
+    model = _model()
+    method = construct.Inversion(construction_config(method="inversion", source="s", steps=30, step_size=0.5),
+                                 seed=0, source=model)
+    rows, targets, built = _run(method, images, labels)
+    np.testing.assert_array_equal(targets, labels)
+    starts = method.starts
+    assert (starts != np.arange(len(labels))).all() and sorted(starts) == list(range(len(labels)))
+    with torch.no_grad():
+        goal = model.features(images)
+        before = (model.features(images[starts]) - goal).norm(dim=1) / goal.norm(dim=1)
+    assert (built.loss < before).all()
+    torch.testing.assert_close(built.perturbation_norm, (built.images - images[starts]).flatten(1).norm(dim=1))
+
+
+def test_inversion_from_noise_draws_from_the_chunk_generator():
+    images, labels = _images(8), _labels(8)
+    cfg = construction_config(method="inversion", source="s", steps=1, start="noise")
+    first = _run(construct.Inversion(cfg, seed=0, source=_model()), images, labels)[2]
+    again = _run(construct.Inversion(cfg, seed=0, source=_model()), images, labels)[2]
+    other = _run(construct.Inversion(cfg, seed=1, source=_model()), images, labels, seed=1)[2]
+    torch.testing.assert_close(first.images, again.images)
+    assert not torch.allclose(first.images, other.images)
+
+
+def test_leakage_adds_the_pattern_of_the_target_class_only():
+    images, labels = _images(), _labels()
+    images = images * 0.5 + 0.25  # away from the box, so clamping cannot change the pattern
+    cfg = construction_config(method="leakage", target="random", eps=0.3)
+    method = construct.Leakage(cfg, seed=4)
+    assert not construct.Leakage.needs_source and not construct.Leakage.has_success_rate
+    _, targets, built = _run(method, images, labels)
+    patterns = construct.leakage_patterns(N_CLASSES, (3, 32, 32), 0.3, seed=4)
+    np.testing.assert_allclose((built.images - images).numpy(), patterns[targets], atol=1e-6)
+    np.testing.assert_allclose(built.perturbation_norm.numpy(), 0.3, rtol=1e-4)
+    assert not built.target_reached.any()
+
+
+def test_leakage_patterns_have_norm_eps_and_differ_per_class_and_seed():
+    a = construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(a.reshape(5, -1), axis=1), 0.5, rtol=1e-5)
+    assert not np.allclose(a[0], a[1])
+    np.testing.assert_array_equal(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0))
+    assert not np.allclose(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=1))
+
+
+def _relabel_setup(n):
+    images, model = _images(n), _model()
+    with torch.no_grad():
+        predictions = model(images).argmax(1).numpy()
+    return images, predictions, construct.Relabel(construction_config(method="relabel", source="s"), seed=0,
+                                                  source=model)
+
+
+def test_relabel_keeps_only_wrong_predictions_unchanged():
+    images, predictions, method = _relabel_setup(40)
+    labels = _labels(40)
+    rows, targets, built = _run(method, images, labels)
+    np.testing.assert_array_equal(rows, np.flatnonzero(predictions != labels))
+    np.testing.assert_array_equal(targets, predictions)
+    torch.testing.assert_close(built.images, images[rows])
+    assert (built.perturbation_norm == 0).all() and built.target_reached.all()
+
+
+def test_relabel_refuses_a_source_that_is_always_right():
+    images, labels, method = _relabel_setup(10)  # labels = the source's own predictions
+    with pytest.raises(ValueError, match="keeps nothing"):
+        method.plan(images.numpy(), labels, N_CLASSES, np.random.default_rng(0), 64, "cpu")
