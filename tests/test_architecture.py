@@ -12,7 +12,7 @@ PACKAGE = Path(notbugs.__file__).parent
 # Lower layers may be imported by anything above them; stage modules by nothing in the package
 # but the command line (which dispatches to them).
 LAYERS = [
-    {"runtime", "config", "references"},
+    {"runtime", "config", "references", "stats"},
     {"hdf5", "batches", "sampling", "models"},
     {"attacks"},
     {"data", "train", "construct", "evaluate", "tables", "plots", "studies", "gaussian"},  # stages

@@ -136,6 +136,9 @@ def test_train_set_naming_missing_construction(config):
 def test_leakage_needs_no_source(config):
     config["constructions"] = {"d_leak": {"method": "leakage"}}
     config["targets"]["train_sets"] = ["d", "d_leak"]
+    config["comparisons"] = [{"better": "d", "worse": "d_leak", "metric": "clean"}]
+    config["figures"] = {"figure2": {label: "targets/d/small_cnn" for label in
+                                     ("standard_on_d", "standard_on_d_r", "standard_on_d_nr")}}
     validate_config(config, SCHEMA)
     assert config["constructions"]["d_leak"]["eps"] == 0.5
 
@@ -175,3 +178,29 @@ def test_defaults_are_copies_not_shared_objects(config):
     config["sources"]["standard"]["train"]["augment"]["crop"] = True
     assert config["sources"]["robust"]["train"]["augment"]["crop"] is False
     assert config["targets"]["train"]["augment"]["crop"] is False
+
+
+def test_restarts_without_random_start_are_refused(config):
+    config["evaluation"] = {"restarts": 3, "random_start": False}
+    message = _error(config)
+    assert "evaluation.restarts" in message and "random_start" in message
+    config["evaluation"] = {"restarts": 3, "random_start": True}
+    validate_config(config, SCHEMA)
+
+
+def test_comparisons_must_name_trained_sets(config):
+    config["comparisons"] = [{"better": "d_rand", "worse": "d_typo", "metric": "clean"}]
+    message = _error(config)
+    assert "comparisons.0.worse" in message and "'d_typo'" in message
+
+
+def test_validation_attack_needs_a_validation_split(config):
+    config["dataset"]["n_val"] = 0
+    config["validation"] = {"robust_examples": 50}
+    assert "validation.robust_examples" in _error(config)
+
+
+def test_figure2_rows_must_name_trained_models(config):
+    config["targets"]["archs"] = ["small_cnn_wide"]
+    message = _error(config)
+    assert "figures.figure2.standard_on_d" in message and "targets/d/small_cnn" in message

@@ -185,7 +185,7 @@ def _match_rows(images, labels, pixels, split):
 
 def test_load_imagefolder(tmp_path):
     pixels = _make_imagefolder(tmp_path)
-    splits, classes = load_imagefolder(tmp_path, None, 6, seed=0)
+    splits, classes = load_imagefolder(tmp_path, None, 6, seed=0, n_val=0)
     assert classes == FOLDER_CLASSES
     train, test = splits["train"], splits["test"]
     assert train["images"].shape == (12, 3, 32, 32) and train["images"].dtype == np.uint8
@@ -194,14 +194,42 @@ def test_load_imagefolder(tmp_path):
     np.testing.assert_array_equal(np.bincount(test["labels"], minlength=3), [2, 2, 2])
     assert len(_match_rows(train["images"], train["labels"], pixels, "train")) == 12
     assert len(_match_rows(test["images"], test["labels"], pixels, "test")) == 6
-    again, _ = load_imagefolder(tmp_path, None, 6, seed=0)
+    again, _ = load_imagefolder(tmp_path, None, 6, seed=0, n_val=0)
     np.testing.assert_array_equal(again["test"]["images"], test["images"])
+
+
+def test_validation_split_is_held_out_of_the_training_pool(tmp_path):
+    pixels = _make_imagefolder(tmp_path, per_class=6)
+    splits, _ = load_imagefolder(tmp_path, 6, None, seed=1, n_val=6)
+    train, val = splits["train"], splits["val"]
+    np.testing.assert_array_equal(np.bincount(val["labels"], minlength=3), [2, 2, 2])
+    np.testing.assert_array_equal(np.bincount(train["labels"], minlength=3), [2, 2, 2])
+    used_train = _match_rows(train["images"], train["labels"], pixels, "train")
+    used_val = _match_rows(val["images"], val["labels"], pixels, "train")
+    assert len(used_val) == 6 and not used_train & used_val
+    # Without a validation split the training subset is what it always was.
+    without, _ = load_imagefolder(tmp_path, 6, None, seed=1, n_val=0)
+    idx = balanced_subset(np.repeat([0, 1, 2], 6), 6, 3, seed=1 + 1)
+    assert "val" not in without and len(without["train"]["labels"]) == len(idx) == 6
+
+
+def test_prepare_synthetic_validation_split_is_an_independent_draw(tmp_path):
+    cfg = complete("dataset", {"name": "s", "source": "synthetic", "n_train": 50, "n_test": 20, "n_val": 30})
+    out = prepare(cfg, seed=2, output=tmp_path / "data.h5")
+    with open_artifact(out, kind="data") as art:
+        assert art.splits == ["test", "train", "val"]
+        val = art.split("val")
+        images, labels = make_synthetic(synthetic_spec(), 30, 2, 3)
+        np.testing.assert_array_equal(val.images[:], images)
+        np.testing.assert_array_equal(val.labels, labels)
+        train_images, _ = make_synthetic(synthetic_spec(), 50, 2, 1)
+        np.testing.assert_array_equal(art.split("train").images[:], train_images)
 
 
 def test_prepare_imagefolder(tmp_path):
     pixels = _make_imagefolder(tmp_path / "tree")
     # 6 images is below the schema's minimum subset size, so this section is written out in full
-    cfg = {"name": "x", "source": "imagefolder", "root": str(tmp_path / "tree"), "n_train": 6, "n_test": None}
+    cfg = {"name": "x", "source": "imagefolder", "root": str(tmp_path / "tree"), "n_train": 6, "n_test": None, "n_val": 0}
     out = prepare(cfg, seed=0, output=tmp_path / "data.h5")
     assert out == tmp_path / "data.h5"
     with open_artifact(out, kind="data") as art:
@@ -226,7 +254,7 @@ def test_prepare_imagefolder(tmp_path):
 def test_imagefolder_missing_train(tmp_path):
     (tmp_path / "test" / "cat").mkdir(parents=True)
     with pytest.raises(DataSourceError) as info:
-        load_imagefolder(tmp_path, None, None, seed=0)
+        load_imagefolder(tmp_path, None, None, seed=0, n_val=0)
     assert str(tmp_path / "train") in str(info.value)
     assert "does not exist" in str(info.value)
 
@@ -237,14 +265,14 @@ def test_imagefolder_class_mismatch(tmp_path):
         f.unlink()
     (tmp_path / "test" / "dog").rmdir()
     with pytest.raises(DataSourceError, match="classes differ"):
-        load_imagefolder(tmp_path, None, None, seed=0)
+        load_imagefolder(tmp_path, None, None, seed=0, n_val=0)
 
 
 # --------------------------------------------------------------------------- cifar10
 
 def test_cifar10_offline_error(tmp_path):
     with pytest.raises(DataSourceError) as info:
-        load_cifar10(tmp_path, None, None, 0, download=False)
+        load_cifar10(tmp_path, None, None, 0, n_val=0, download=False)
     message = str(info.value)
     assert str(tmp_path) in message
     assert "imagefolder" in message and "synthetic" in message
@@ -283,7 +311,7 @@ def fake_cifar(tmp_path, monkeypatch):
 
 def test_load_cifar10_files(fake_cifar):
     root, ((train_raw, train_labels), (test_raw, test_labels)) = fake_cifar
-    splits, classes = load_cifar10(root, None, None, 0, download=False)
+    splits, classes = load_cifar10(root, None, None, 0, n_val=0, download=False)
     assert classes == CIFAR_NAMES
     tr, te = splits["train"], splits["test"]
     assert tr["images"].shape == (100, 3, 32, 32) and tr["images"].dtype == np.uint8
@@ -299,7 +327,7 @@ def test_load_cifar10_files(fake_cifar):
 
 def test_load_cifar10_subset_and_prepare(fake_cifar, tmp_path):
     root, ((train_raw, train_labels), (test_raw, test_labels)) = fake_cifar
-    splits, _ = load_cifar10(root, 50, 20, 0, download=False)
+    splits, _ = load_cifar10(root, 50, 20, 0, n_val=0, download=False)
     tr, te = splits["train"], splits["test"]
     assert tr["images"].shape == (50, 3, 32, 32) and te["images"].shape == (20, 3, 32, 32)
     np.testing.assert_array_equal(np.bincount(tr["labels"], minlength=10), np.full(10, 5))

@@ -21,7 +21,7 @@ SLURM_PROFILE = REPO / "profiles/slurm"
 STUDIES_OVERLAY = REPO / "configs/studies.yaml"  # an overlay, not a preset: it only switches studies on
 PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p != STUDIES_OVERLAY)
 ALL_CONFIGS = PRESETS + [DEFAULT_CONFIG]
-GPU_RULES = {"train_source", "train_target", "construct", "evaluate"}
+GPU_RULES = {"train_source", "train_target", "construct", "evaluate_source", "evaluate_target"}
 STUDY_GPU_RULES = {"study_transfer", "study_rebuttals"}
 STUDY_CPU_RULES = {"study_robust_leakage", "study_gaussian", "plot_transfer", "plot_robust_leakage",
                    "plot_gaussian", "plot_rebuttals"}
@@ -123,11 +123,13 @@ def test_dry_run_plans_every_stage(path, tmp_path):
     for job in jobs:
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1
     assert set(counts) == GPU_RULES | CPU_RULES
-    n_targets = len(config["targets"]["train_sets"]) * len(config["targets"]["archs"])
-    assert counts["train_source"] == len(config["sources"])
+    targets = config["targets"]
+    jobs_per_group = 1 if targets["group_replicates"] else targets["replicates"]
+    n_targets = len(targets["train_sets"]) * len(targets["archs"]) * jobs_per_group
+    assert counts["train_source"] == counts["evaluate_source"] == len(config["sources"])
     assert counts["construct"] == counts["plot_grid"] == len(config["constructions"])
     assert counts["train_target"] == n_targets
-    assert counts["evaluate"] == len(config["sources"]) + n_targets
+    assert counts["evaluate_target"] == n_targets
     name = config["dataset"]["name"]
     assert all(job["output"].startswith(f"results/{name}/") for job in jobs)
 
@@ -162,7 +164,9 @@ def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
         assert set(rules) == GPU_RULES | CPU_RULES | STUDY_GPU_RULES | STUDY_CPU_RULES
         return
     assert set(rules) == GPU_RULES | CPU_RULES
-    assert rules.count("train_target") == 8 and rules.count("evaluate") == 10
+    n_targets = 8 * config["targets"]["replicates"]
+    assert rules.count("train_target") == rules.count("evaluate_target") == n_targets
+    assert rules.count("evaluate_source") == 2
     assert any(job["output"] == "results/cifar10/sources/robust/model.pt" for job in jobs)
     assert config["device"] == "cuda"
     # profiles/default (one local GPU: resources gpu=1) must not be layered over the cluster

@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from notbugs import references
-from notbugs.tables import binomial_tail, figure2, models_table, table1
+from notbugs.stats import paired_comparison
+from notbugs.tables import binomial_tail, claims, figure2, models_table, table1
 
 
 def test_binomial_tail_exact_values():
@@ -23,13 +25,19 @@ def test_binomial_tail_is_stable_for_large_n():
     assert 0 <= binomial_tail(1000, 2000, 0.1) < 1e-200  # may underflow to 0, never NaN or an error
 
 
-def test_table1_reports_a_one_sided_p_value_against_chance():
-    models = pd.DataFrame({"model": ["targets/d_rand/m", "targets/d_det/m"], "kind": ["target", "target"],
-                           "train_set": ["d_rand", "d_det"], "arch": ["m", "m"], "std_acc": [12.5, 10.0],
-                           "construction_success_rate": [90.0, 80.0], "n_test": [2000, 2000]})
+def test_table1_reports_replicates_and_a_conservative_p_value_against_chance():
+    models = pd.DataFrame({"model": ["targets/d_rand/m/r1", "targets/d_rand/m/r2", "targets/d_det/m/r1"],
+                           "group": ["targets/d_rand/m", "targets/d_rand/m", "targets/d_det/m"],
+                           "replicate": [1, 2, 1], "kind": "target", "train_set": ["d_rand", "d_rand", "d_det"],
+                           "arch": "m", "std_acc": [12.5, 14.0, 10.0], "construction_success_rate": [90.0, 90.0, 80.0],
+                           "n_test": 2000})
     out = table1(models, 10).set_index("train_set")
+    assert out.loc["d_rand", "replicates"] == 2 and out.loc["d_rand", "test_acc"] == pytest.approx(13.25)
+    assert out.loc["d_rand", "test_acc_replicates"] == "12.5;14"
+    # the test of the weakest replicate
     assert out.loc["d_rand", "p_above_chance"] == pytest.approx(binomial_tail(250, 2000, 0.1))
     assert out.loc["d_rand", "p_above_chance"] < 0.01 < out.loc["d_det", "p_above_chance"]
+    assert list(out.index) == ["d_rand", "d_det"]
 
 
 def _metrics(std, robust):
@@ -39,27 +47,50 @@ def _metrics(std, robust):
 
 
 def test_models_table_has_one_row_per_model_with_percentages():
-    metrics = {"sources/s": _metrics(0.9, {0.25: 0.1}), "targets/d_det/m": _metrics(0.5, {0.25: 0.0})}
+    metrics = {"sources/s": _metrics(0.9, {0.25: 0.1}), "targets/d_det/m/r1": _metrics(0.5, {0.25: 0.0})}
     models = models_table(metrics, {"d_det": {"success_rate": 0.75, "mean_perturbation_norm": 0.4}})
-    row = models.set_index("model").loc["targets/d_det/m"]
+    row = models.set_index("model").loc["targets/d_det/m/r1"]
+    assert row["group"] == "targets/d_det/m" and row["replicate"] == 1
     assert row["kind"] == "target" and row["train_set"] == "d_det" and row["std_acc"] == 50.0
     assert row["robust_acc_eps0.25"] == 0.0 and row["construction_success_rate"] == 75.0
     assert models.set_index("model").loc["sources/s", "train_set"] == "d"
 
 
 def test_figure2_reads_the_configured_radius_and_the_paper_values():
-    metrics = {"targets/d_r/m": _metrics(0.6, {0.25: 0.4, 0.5: 0.2})}
+    metrics = {"targets/d_r/m/r1": _metrics(0.6, {0.25: 0.4, 0.5: 0.2}),
+               "targets/d_r/m/r2": _metrics(0.6, {0.25: 0.4, 0.5: 0.2})}
     models = models_table(metrics, {})
     for eps, robust in ((0.25, 40.0), (0.5, 20.0)):
         row = figure2(models, {"standard_on_d_r": "targets/d_r/m"}, eps).iloc[0]
-        assert row["robust_acc"] == robust and row["eps"] == eps
+        assert row["robust_acc"] == robust and row["eps"] == eps and row["replicates"] == 2
+        assert row["robust_acc_sd"] == 0 and row["robust_acc_replicates"] == f"{robust:g};{robust:g}"
         assert row["paper_std_acc"] == references.FIGURE2["standard_on_d_r"][0].value
     with pytest.raises(ValueError, match="no robust accuracy at eps=1"):
         figure2(models, {"standard_on_d_r": "targets/d_r/m"}, 1.0)
 
 
 def test_table1_orders_sets_and_takes_reference_values():
-    models = models_table({f"targets/{s}/m": _metrics(0.3, {0.25: 0.0}) for s in ("d_det", "d", "d_rand")}, {})
+    models = models_table({f"targets/{s}/m/r1": _metrics(0.3, {0.25: 0.0}) for s in ("d_det", "d", "d_rand")}, {})
     out = table1(models, 10)
     assert list(out.train_set) == ["d", "d_rand", "d_det"]
     assert list(out.paper_test_acc) == [references.TABLE1[s].value for s in out.train_set]
+
+
+def test_claims_pair_replicate_k_with_replicate_k():
+    metrics = {f"targets/{s}/m/r{k}": _metrics(0.5, {0.25: 0.1}) for s in ("a", "b") for k in (1, 2)}
+    models = models_table(metrics, {})
+    rng = np.random.default_rng(0)
+    per_model = {m: rng.random(200) < (0.8 if "/a/" in m else 0.5) for m in metrics}
+    seen = []
+
+    def correct(model_dir, metric):
+        seen.append((model_dir, metric))
+        return per_model[model_dir]
+
+    out = claims(models, [{"better": "a", "worse": "b", "metric": "robust"}], 0.25, correct).iloc[0]
+    a = np.stack([per_model["targets/a/m/r1"], per_model["targets/a/m/r2"]])
+    b = np.stack([per_model["targets/b/m/r1"], per_model["targets/b/m/r2"]])
+    expected = paired_comparison(a, b)
+    assert out["p_value"] == pytest.approx(expected["p_value"]) and out["diff"] == pytest.approx(expected["diff"])
+    assert out["metric"] == "robust" and out["eps"] == 0.25 and out["replicates"] == 2
+    assert {m for m, _ in seen} == set(metrics) and {k for _, k in seen} == {"robust"}

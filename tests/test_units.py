@@ -117,3 +117,25 @@ def test_chunk_generators_depend_on_seed_and_offset_only():
     assert torch.equal(draw(0, 512), draw(0, 512))
     assert not torch.equal(draw(0, 512), draw(0, 1024))
     assert not torch.equal(draw(0, 512), draw(1, 512))
+
+
+# --------------------------------------------------------------------------- fresh targets
+
+def test_targets_are_fresh_models():
+    """Two targets of one set differ in initial weights and first-batch rows from each other and
+    from the source (which trains with the top-level seed)."""
+    from notbugs.sampling import target_seed
+    from notbugs.train import epoch_order, initial_model
+
+    seeds = {"source": 0, "r1": target_seed(0, "d_det", "small_cnn", 1), "r2": target_seed(0, "d_det", "small_cnn", 2),
+             "other set": target_seed(0, "d_rand", "small_cnn", 1)}
+    assert len(set(seeds.values())) == len(seeds)
+    weights = {k: initial_model("small_cnn", 10, [0.5] * 3, [0.25] * 3, s).state_dict()["body.0.weight"]
+               for k, s in seeds.items()}
+    first_batch = {k: epoch_order(s, 0, 2000)[0][:128] for k, s in seeds.items()}
+    names = list(seeds)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not torch.equal(weights[a], weights[b]), (a, b)
+            assert not torch.equal(first_batch[a], first_batch[b]), (a, b)
+    assert target_seed(0, "d_det", "small_cnn", 1) == seeds["r1"]  # stable, so a rerun is the same model

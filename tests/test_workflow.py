@@ -27,6 +27,8 @@ def tiny_config() -> dict:
         if cons["method"] != "leakage":  # every method with an attack or inversion loop
             cons["steps"] = 2
     config["targets"]["train"]["epochs"] = 1
+    config["targets"]["replicates"] = 2
+    config["dataset"]["n_val"] = 20
     config["evaluation"] = {"eps": [0.25], "steps": 2}
     return config
 
@@ -46,9 +48,21 @@ def planned_jobs(workdir: Path, config: dict) -> list[tuple[str, str]]:
     return [(job["rule"], job["output"]) for job in parse_dry_run(snakemake(workdir, config, "--dry-run").stdout)]
 
 
+def test_replicates_get_a_job_each_unless_grouped(tmp_path):
+    config = tiny_config()
+    config["targets"]["group_replicates"] = False
+    jobs = planned_jobs(tmp_path, config)
+    trained = sorted(out for rule, out in jobs if rule == "train_target" and "/d_det/" in out)
+    assert trained == [f"results/tiny/targets/d_det/small_cnn/r{k}/model.pt" for k in (1, 2)]
+    config["targets"]["group_replicates"] = True
+    jobs = planned_jobs(tmp_path, config)
+    assert [out for rule, out in jobs if rule == "train_target" and "/d_det/" in out] == [trained[0]]
+
+
 def test_dry_run_plans_every_stage(tmp_path):
     rules = {rule for rule, _ in planned_jobs(tmp_path, tiny_config())}
-    assert rules == {"prepare_data", "train_source", "construct", "train_target", "evaluate", "tables"} | PLOT_RULES
+    assert rules == {"prepare_data", "train_source", "construct", "train_target", "evaluate_source", "evaluate_target",
+                     "tables"} | PLOT_RULES
 
 
 def test_prepare_data_writes_an_artifact_that_plain_h5py_reads(tmp_path):
@@ -85,9 +99,7 @@ def test_rerun_semantics(tmp_path):
     lr_changed["targets"]["train"]["lr"] = 0.01
     rules = {rule for rule, _ in planned_jobs(tmp_path, lr_changed)}
     assert "train_target" in rules
-    assert rules <= {"train_target", "evaluate", "tables"} | PLOT_RULES, rules
-    evaluated = [out for rule, out in planned_jobs(tmp_path, lr_changed) if rule == "evaluate"]
-    assert evaluated and all("/targets/" in out for out in evaluated), "sources are not re-evaluated"
+    assert rules <= {"train_target", "evaluate_target", "tables"} | PLOT_RULES, rules
 
     eps_changed = copy.deepcopy(config)
     eps_changed["constructions"]["d_det"]["eps"] = 0.4
@@ -95,7 +107,7 @@ def test_rerun_semantics(tmp_path):
     constructed = [out for rule, out in jobs if rule == "construct"]
     assert constructed == ["results/tiny/constructed/d_det.h5"]
     trained = [out for rule, out in jobs if rule == "train_target"]
-    assert trained == ["results/tiny/targets/d_det/small_cnn/model.pt"]
+    assert trained == ["results/tiny/targets/d_det/small_cnn/r1/model.pt"]  # one job trains r1 and r2
     assert not {rule for rule, _ in jobs} & {"prepare_data", "train_source"}
 
     robust_changed = copy.deepcopy(config)

@@ -170,11 +170,19 @@ class AttackResult:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, step_size: float,
         norm: str = "l2", targeted: bool = False, random_start: bool = False, restarts: int = 1,
-        keep_best: bool = False, generator: torch.Generator | None = None) -> AttackResult:
+        keep_best: bool = False, worst_iterate: bool = False, generator: torch.Generator | None = None
+        ) -> AttackResult:
     """Projected gradient descent. Targeted: ``y`` is the target class and the attack minimises
     its cross-entropy; untargeted: ``y`` is the true label and the attack maximises it.
-    With ``restarts`` > 1 (which needs a random start to differ) each example keeps its
-    most successful run."""
+
+    ``keep_best`` returns each example's lowest-loss iterate (as the authors' constructions do).
+    ``worst_iterate`` is for measuring robustness: an example counts as broken if *any* iterate
+    (the start included) succeeds, and that iterate is returned; broken examples leave the batch,
+    so the attack costs little on models that are not robust. With ``restarts`` > 1 (which needs a
+    random start to differ) each example keeps its most successful run."""
+    if worst_iterate:
+        return _pgd_worst_iterate(model, x, y, eps=eps, steps=steps, step_size=step_size, norm=norm,
+                                  targeted=targeted, random_start=random_start, restarts=restarts, generator=generator)
     threat = threat_model(norm, eps, step_size)
     sign = 1.0 if targeted else -1.0
     with frozen(model):
@@ -194,6 +202,44 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
             pred = model(best_x).argmax(1)
     success = pred == y if targeted else pred != y
     return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success, pred)
+
+
+def _pgd_worst_iterate(model, x, y, *, eps, steps, step_size, norm, targeted, random_start, restarts, generator
+                       ) -> AttackResult:
+    threat = threat_model(norm, eps, step_size)
+    sign = 1.0 if targeted else -1.0
+    x_adv, loss_out = x.clone(), torch.zeros(len(x), device=x.device)
+    pred_out = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    with frozen(model):
+        for _ in range(max(1, restarts)):
+            active = (~broken).nonzero().squeeze(1)
+            if not len(active):
+                break
+            xa, ya = x[active], y[active]
+            delta = threat.project(xa, threat.init(xa, random_start, generator))
+            for i in range(steps + 1):
+                delta.requires_grad_(i < steps)
+                with torch.set_grad_enabled(i < steps):
+                    logits = model(xa + delta)
+                    loss = F.cross_entropy(logits, ya, reduction="none")
+                with torch.no_grad():
+                    pred = logits.argmax(1)
+                    hit = pred == ya if targeted else pred != ya
+                    # Record every example's current iterate; a broken one keeps it for good.
+                    settle = hit | (i == steps)
+                    rows = active[settle]
+                    x_adv[rows] = (xa + delta).detach()[settle]
+                    loss_out[rows], pred_out[rows] = loss.detach()[settle], pred[settle]
+                    broken[active[hit]] = True
+                if i == steps or hit.all():
+                    break
+                grad, = torch.autograd.grad(sign * loss.sum(), delta)
+                with torch.no_grad():
+                    keep = ~hit
+                    active, xa, ya = active[keep], xa[keep], ya[keep]
+                    delta = threat.project(xa, threat.step(delta.detach()[keep], grad[keep]))
+    return AttackResult(x_adv, loss_out, (x_adv - x).flatten(1).norm(dim=1), broken, pred_out)
 
 
 def nontransferable_pgd(model: nn.Module, others: list[nn.Module], x: torch.Tensor, y: torch.Tensor,

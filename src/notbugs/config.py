@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 from pathlib import Path
 from typing import Mapping
@@ -193,6 +194,28 @@ def check_references(config: Mapping) -> None:
         if train_set != ORIGINAL_SET and train_set not in constructions:
             raise ConfigError(f"config key 'targets.train_sets.{i}': {train_set!r} is neither "
                               f"'{ORIGINAL_SET}' nor a construction ({sorted(constructions)})")
+    train_sets = config["targets"]["train_sets"]
+    for i, comparison in enumerate(config["comparisons"]):
+        for side in ("better", "worse"):
+            if comparison[side] not in train_sets:
+                raise ConfigError(f"config key 'comparisons.{i}.{side}': {comparison[side]!r} is not one of "
+                                  f"targets.train_sets ({train_sets})")
+    evaluation = config["evaluation"]
+    if evaluation["restarts"] > 1 and not evaluation["random_start"]:
+        raise ConfigError(f"config key 'evaluation.restarts': {evaluation['restarts']} restarts without "
+                          "evaluation.random_start would repeat the same attack; set random_start: true or restarts: 1")
+    if evaluation["attack"] == "autoattack" and importlib.util.find_spec("torchattacks") is None:
+        raise ConfigError("config key 'evaluation.attack': autoattack needs the torchattacks package; "
+                          "install it with: pip install -e '.[autoattack]'")
+    if config["validation"]["robust_examples"] and not config["dataset"]["n_val"]:
+        raise ConfigError("config key 'validation.robust_examples': there is no validation split to attack; "
+                          "set dataset.n_val")
+    trained = {f"sources/{name}" for name in sources} | {
+        f"targets/{t}/{a}" for t in train_sets for a in config["targets"]["archs"]}
+    for label, group in config["figures"]["figure2"].items():
+        if group not in trained:
+            raise ConfigError(f"config key 'figures.figure2.{label}': {group!r} is not a model this config trains "
+                              f"(sources/<source> or targets/<train set>/<arch>; trained: {sorted(trained)})")
     eps = config["figures"]["figure2_eps"]
     if eps not in config["evaluation"]["eps"]:
         raise ConfigError(f"config key 'figures.figure2_eps': {eps} is not one of the radii that evaluation "

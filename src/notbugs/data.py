@@ -163,6 +163,17 @@ def balanced_subset(labels: np.ndarray, n: int | None, n_classes: int, seed: int
     return np.sort(np.concatenate(picks))
 
 
+def split_indices(labels: np.ndarray, n_train: int | None, n_val: int, n_classes: int, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows) of a training pool: a class-balanced validation subset of ``n_val``
+    rows first, then a class-balanced training subset of ``n_train`` (all if None) from the rest.
+    With ``n_val`` = 0 the training subset is the one earlier versions drew."""
+    val = balanced_subset(labels, n_val, n_classes, seed + 3) if n_val else np.arange(0)
+    rest = np.setdiff1d(np.arange(len(labels)), val)
+    train = rest[balanced_subset(labels[rest], n_train, n_classes, seed + 1)]
+    return train, val
+
+
 def _to_uint8_array(dataset, indices: np.ndarray, desc: str) -> np.ndarray:
     from tqdm import tqdm
     out = None
@@ -178,7 +189,7 @@ def _to_uint8_array(dataset, indices: np.ndarray, desc: str) -> np.ndarray:
     return out
 
 
-def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, seed: int):
+def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, seed: int, *, n_val: int):
     from torchvision.datasets import ImageFolder
     root = Path(root)
     splits, classes = {}, None
@@ -196,12 +207,18 @@ def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, 
         elif ds.classes != classes:
             raise DataSourceError(f"imagefolder: classes differ between train {classes} and test {ds.classes}")
         labels = np.asarray(ds.targets, dtype=np.int64)
-        idx = balanced_subset(labels, n, len(classes), seed + offset)
+        if split == "train":
+            idx, val = split_indices(labels, n, n_val, len(classes), seed)
+            if len(val):
+                splits["val"] = {"images": _to_uint8_array(ds, val, "val images"), "labels": labels[val]}
+        else:
+            idx = balanced_subset(labels, n, len(classes), seed + offset)
         splits[split] = {"images": _to_uint8_array(ds, idx, f"{split} images"), "labels": labels[idx]}
     return splits, classes
 
 
-def load_cifar10(root: str | Path, n_train: int | None, n_test: int | None, seed: int, download: bool = True):
+def load_cifar10(root: str | Path, n_train: int | None, n_test: int | None, seed: int, *, n_val: int,
+                 download: bool = True):
     from torchvision.datasets import CIFAR10
     root = Path(root)
     splits = {}
@@ -215,7 +232,13 @@ def load_cifar10(root: str | Path, n_train: int | None, n_test: int | None, seed
                 f"or work offline with dataset.source: imagefolder (for example the unpacked "
                 f"CIFAR-10 JPEG copy) or dataset.source: synthetic.") from exc
         labels = np.asarray(ds.targets, dtype=np.int64)
-        idx = balanced_subset(labels, n, 10, seed + offset)
+        if split == "train":
+            idx, val = split_indices(labels, n, n_val, 10, seed)
+            if len(val):
+                splits["val"] = {"images": np.ascontiguousarray(ds.data[val].transpose(0, 3, 1, 2)),
+                                 "labels": labels[val]}
+        else:
+            idx = balanced_subset(labels, n, 10, seed + offset)
         splits[split] = {"images": np.ascontiguousarray(ds.data[idx].transpose(0, 3, 1, 2)),
                          "labels": labels[idx]}
     return splits, list(ds.classes)
@@ -233,25 +256,27 @@ def prepare(dataset_cfg: Mapping, seed: int, output: str | Path) -> Path:
     source = dataset_cfg["source"]
     if source not in SOURCES:
         raise DataSourceError(f"unknown dataset.source {source!r}; expected one of {SOURCES}")
-    n_train, n_test = dataset_cfg["n_train"], dataset_cfg["n_test"]
+    n_train, n_test, n_val = dataset_cfg["n_train"], dataset_cfg["n_test"], dataset_cfg["n_val"]
     if source == "synthetic":
         spec = SyntheticSpec(**dataset_cfg["synthetic"])
         splits = {}
-        for split, n, split_seed in (("train", n_train or SYNTHETIC_FULL_SIZE["train"], 1),
-                                     ("test", n_test or SYNTHETIC_FULL_SIZE["test"], 2)):
-            images, labels = make_synthetic(spec, n, seed, split_seed)
-            splits[split] = {"images": images, "labels": labels}
+        sizes = (("train", n_train or SYNTHETIC_FULL_SIZE["train"], 1),
+                 ("test", n_test or SYNTHETIC_FULL_SIZE["test"], 2), ("val", n_val, 3))
+        for split, n, split_seed in sizes:
+            if n:
+                images, labels = make_synthetic(spec, n, seed, split_seed)
+                splits[split] = {"images": images, "labels": labels}
         classes = [f"class{c}" for c in range(spec.n_classes)]
         description = f"synthetic planted features {asdict(spec)}"
     elif source == "cifar10":
-        splits, classes = load_cifar10(dataset_cfg["root"], n_train, n_test, seed)
+        splits, classes = load_cifar10(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val)
         description = f"torchvision CIFAR10 from {dataset_cfg['root']}"
     else:  # imagefolder
-        splits, classes = load_imagefolder(dataset_cfg["root"], n_train, n_test, seed)
+        splits, classes = load_imagefolder(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val)
         description = f"ImageFolder {Path(dataset_cfg['root']).resolve()}"
     mean, std = channel_stats(splits["train"]["images"])
-    log.info("%s: %d train / %d test images, %d classes", description,
-             len(splits["train"]["labels"]), len(splits["test"]["labels"]), len(classes))
+    log.info("%s: %d train / %d val / %d test images, %d classes", description, len(splits["train"]["labels"]),
+             len(splits["val"]["labels"]) if "val" in splits else 0, len(splits["test"]["labels"]), len(classes))
     return hdf5.write_artifact(output, kind="data", splits=splits, class_names=classes,
                                config=dict(dataset_cfg), seed=seed, source=description,
                                extra_attrs={"mean": mean, "std": std})

@@ -41,6 +41,7 @@ from notbugs.runtime import atomic_write, partial_path
 FORMAT = "notbugs"
 FORMAT_VERSION = 1
 KINDS = {"data": ("train", "test"), "constructed": ("train",), "evaluation": ("test",)}
+OPTIONAL_SPLITS = {"data": ("val",)}  # checked like the others when present
 IMAGELESS_KINDS = ("evaluation",)
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 ROWS_PER_CHUNK = 256
@@ -323,7 +324,8 @@ def _check_layout(path: Path, f: h5py.File, kind: str | None) -> None:
     if "class_names" not in f:
         raise ArtifactError(f"{path}: missing dataset 'class_names'")
     n_classes = f["class_names"].shape[0]
-    for split in KINDS[file_kind]:
+    present = [s for s in OPTIONAL_SPLITS.get(file_kind, ()) if s in f]
+    for split in (*KINDS[file_kind], *present):
         if split not in f:
             raise ArtifactError(f"{path}: missing split group '/{split}'")
         group = f[split]

@@ -94,16 +94,40 @@ def _reference_kind(origin) -> str:
     return next((k for k in REFERENCE_STYLES if k in origin), "reference")
 
 
-def _bars_with_references(ax, x, heights, refs, width, color, label, ref_kinds) -> None:
-    """Bars with value labels and black reference markers (``refs``, NaN = none) across each bar."""
+def _replicate_values(table: pd.DataFrame, prefix: str) -> list[np.ndarray]:
+    """Every replicate's value per row (column ``<prefix>_replicates``, ';'-separated)."""
+    column = f"{prefix}_replicates"
+    if column not in table:
+        return [np.array([]) for _ in range(len(table))]
+    return [np.array([float(v) for v in str(cell).split(";") if v not in ("", "nan")]) if pd.notna(cell) else
+            np.array([]) for cell in table[column]]
+
+
+def _bars_with_references(ax, x, heights, refs, width, color, label, ref_kinds, table=None, prefix=None) -> None:
+    """Bars (means) with value labels and black reference markers (``refs``, NaN = none) across
+    each bar; with ``table``/``prefix``, a 95% interval as an error bar and every replicate as a dot."""
     ax.bar(x, np.nan_to_num(heights), width, color=color, label=label, zorder=2)
-    for xi, h, ref, kind in zip(x, heights, refs, ref_kinds):
+    tops = np.nan_to_num(np.asarray(heights, float))
+    if table is not None:
+        # A t-interval over few replicates can pass 0 or 100; an accuracy cannot, so draw it clipped.
+        low = np.clip(_column(table, f"{prefix}_ci_low"), 0, 100)
+        high = np.clip(_column(table, f"{prefix}_ci_high"), 0, 100)
+        has = np.isfinite(low) & np.isfinite(high)
+        if has.any():
+            ax.errorbar(np.asarray(x)[has], np.asarray(heights)[has],
+                        yerr=[np.asarray(heights)[has] - low[has], high[has] - np.asarray(heights)[has]],
+                        fmt="none", ecolor="0.15", elinewidth=1, capsize=2.5, zorder=5)
+            tops = np.where(has, np.fmax(tops, high), tops)
+        for xi, values in zip(x, _replicate_values(table, prefix)):
+            if len(values) > 1:
+                jitter = np.linspace(-width / 5, width / 5, len(values))
+                ax.scatter(xi + jitter, values, s=7, color="white", edgecolors="0.15", linewidths=0.6, zorder=6)
+    for xi, h, top, ref, kind in zip(x, heights, tops, refs, ref_kinds):
         if not np.isnan(ref):
             ax.hlines(ref, xi - width / 2, xi + width / 2, colors="k", lw=2.2, zorder=3,
                       linestyles=REFERENCE_STYLES.get(kind, "-"))
-        # Above both the bar and its marker, so the two never collide.
-        top = np.nanmax([0.0 if np.isnan(h) else h, ref])
-        ax.text(xi, top + 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, zorder=4)
+        # Above the bar, its interval and its marker, so they never collide.
+        ax.text(xi, np.nanmax([top, ref]) + 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, zorder=4)
 
 
 def _percent_axis(ax, ylabel: str) -> None:
@@ -129,9 +153,10 @@ def figure2(table: pd.DataFrame, out_png: PathLike) -> None:
     kinds = ["paper"] * n  # every Figure 2 reference is drawn as "paper", including "paper (approx.)"
     fig, ax = plt.subplots(figsize=(max(5.5, 1.5 * n + 1.5), 4.2), layout="constrained")
     _bars_with_references(ax, x - width / 2, _column(table, "std_acc"), _column(table, "paper_std_acc"),
-                          width, OKABE_ITO[0], "standard accuracy", kinds)
+                          width, OKABE_ITO[0], "standard accuracy", kinds, table, "std_acc")
     _bars_with_references(ax, x + width / 2, _column(table, "robust_acc"), _column(table, "paper_robust_acc"),
-                          width, OKABE_ITO[1], f"robust accuracy (ε = {eps})" if eps else "robust accuracy", kinds)
+                          width, OKABE_ITO[1], f"robust accuracy (ε = {eps})" if eps else "robust accuracy", kinds,
+                          table, "robust_acc")
     ax.set_xticks(x, [textwrap.fill(FIGURE2_LABELS.get(lbl, str(lbl)), 14) for lbl in table["label"]])
     _percent_axis(ax, "accuracy on the original test set (%)")
     ax.set_title(title)
@@ -139,8 +164,16 @@ def figure2(table: pd.DataFrame, out_png: PathLike) -> None:
     if np.isfinite(_column(table, "paper_std_acc")).any() or np.isfinite(_column(table, "paper_robust_acc")).any():
         handles.append(Line2D([], [], color="k", lw=2.2))
         labels.append("paper")
+    _interval_legend(table, "std_acc", handles, labels)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
     _save(fig, out_png)
+
+
+def _interval_legend(table: pd.DataFrame, prefix: str, handles: list, labels: list) -> None:
+    replicates = _column(table, "replicates")
+    if np.nanmax(replicates, initial=1) > 1:
+        handles.append(Line2D([], [], color="0.15", marker="o", markerfacecolor="white", markersize=4, lw=1))
+        labels.append(f"replicates, 95% interval (n = {int(np.nanmax(replicates))})")
 
 
 @_styled
@@ -160,7 +193,7 @@ def table1(table: pd.DataFrame, out_png: PathLike) -> None:
     fig, ax = plt.subplots(figsize=(max(5.5, 0.3 * len(table) + 0.8 * len(sets) + 1.2), 4.4),
                            layout="constrained")
     _bars_with_references(ax, x, _column(table, "test_acc"), _column(table, "paper_test_acc"),
-                          width * 0.92, colors, None, kinds)
+                          width * 0.92, colors, None, kinds, table, "test_acc")
     ticks = []
     for s in sets:
         rate = _column(table[table["train_set"] == s], "construction_success_rate")
@@ -183,6 +216,7 @@ def table1(table: pd.DataFrame, out_png: PathLike) -> None:
     for kind in dict.fromkeys(k for k, r in zip(kinds, has_ref) if r):
         handles.append(Line2D([], [], color="k", lw=2.2, ls=REFERENCE_STYLES.get(kind, "-")))
         labels.append(kind)
+    _interval_legend(table, "test_acc", handles, labels)
     details = [f"arch: {archs[0]}"] if len(archs) == 1 else []
     n_test = pd.unique(table["n_test"].dropna()) if "n_test" in table else []
     if len(n_test) == 1:

@@ -3,10 +3,24 @@ generators that make chunked jobs resume with the same random numbers they would
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
 TARGET_SCHEMES = ("random", "next", "other")
+
+
+def derived_seed(*parts) -> int:
+    """A seed in [0, 2³¹) determined by ``parts`` alone (stable across runs and machines)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
+
+
+def target_seed(seed: int, train_set: str, arch: str, replicate: int) -> int:
+    """The seed of one target model: its initial weights, data order and augmentation draws differ
+    from every source's (which use ``seed`` itself) and from every other target's."""
+    return derived_seed("target", seed, train_set, arch, replicate)
 
 
 def chunk_generator(seed: int, offset: int) -> torch.Generator:

@@ -1,6 +1,13 @@
-"""The tables stage: every model's metrics and every construction's summary, side by side
-with the reference numbers of :mod:`notbugs.references`, as the CSVs under
-``results/<dataset>/tables`` (models, table1, figure2).
+"""The tables stage: every model's metrics and every construction's summary, side by side with
+the reference numbers of :mod:`notbugs.references`, as the CSVs under ``results/<dataset>/tables``:
+
+- ``models``: one row per model (each replicate its own row);
+- ``table1`` and ``figure2``: one row per model *group* (the replicates of one training set and
+  architecture): the mean, sd, 95% t-interval and every replicate's value;
+- ``claims``: the configured comparisons (``comparisons`` in the config), each a paired test on
+  per-example predictions of the same test images (:func:`notbugs.stats.paired_comparison`).
+
+Accuracies are percentages.
 """
 
 from __future__ import annotations
@@ -8,51 +15,72 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from notbugs import hdf5, references
+from notbugs.runtime import atomic_write
+from notbugs.stats import mean_interval, paired_comparison
 
 log = logging.getLogger(__name__)
 
 TABLE1_SETS = ("d", "d_rand", "d_det", "d_other", "d_leak_rand", "d_leak_det")
+_REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
 
 
 def robust_column(eps: float) -> str:
     return f"robust_acc_eps{eps:g}"
 
 
+def split_model_dir(model_dir: str) -> tuple[str, int | None]:
+    """(group, replicate): ``targets/<set>/<arch>/r<k>`` → (``targets/<set>/<arch>``, k);
+    a source is its own group without a replicate number."""
+    match = _REPLICATE.match(model_dir)
+    return (match.group(1), int(match.group(2))) if match else (model_dir, None)
+
+
+def describe_attack(settings: Mapping) -> str:
+    skip = {"eps", "robust_acc", "mean_adv_norm"}
+    return f"eps={settings['eps']:g} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in settings.items() if k not in skip)
+
+
 def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Mapping]) -> pd.DataFrame:
-    """One row per model directory ("sources/<name>" or "targets/<train set>/<arch>")."""
+    """One row per model directory (``sources/<name>`` or ``targets/<set>/<arch>/r<k>``)."""
     rows = []
     for model_dir, m in sorted(metrics.items()):
-        parts = model_dir.split("/")
-        kind = "source" if parts[0] == "sources" else "target"
-        train_set = "d" if kind == "source" else parts[1]
+        group, replicate = split_model_dir(model_dir)
+        kind = "source" if model_dir.startswith("sources/") else "target"
+        train_set = "d" if kind == "source" else model_dir.split("/")[1]
         cons = constructions.get(train_set, {})
-        row = {
-            "model": model_dir, "kind": kind, "train_set": train_set, "arch": m.get("arch"),
-            "adversarial_training": bool(m.get("adversarial")),
-            "std_acc": 100 * m["std_acc"],
-        }
+        row = {"model": model_dir, "group": group, "replicate": replicate, "kind": kind, "train_set": train_set,
+               "arch": m["arch"], "adversarial_training": bool(m["adversarial"]), "std_acc": 100 * m["std_acc"]}
         for r in m["robust"]:
             row[robust_column(r["eps"])] = 100 * r["robust_acc"]
-        row["robust_attack"] = "; ".join(
-            f"{r['norm']} eps={r['eps']:g} steps={r['steps']} step={r['step_size']:.4g} restarts={r['restarts']}"
-            for r in m["robust"])
+        row["robust_attack"] = "; ".join(describe_attack(r) for r in m["robust"])
         row["construction_success_rate"] = (100 * cons["success_rate"]
                                             if cons.get("success_rate") is not None else float("nan"))
         row["construction_mean_l2"] = cons.get("mean_perturbation_norm", float("nan"))
         row["n_test"] = m["n_test"]
-        row["train_seconds"] = m.get("train_seconds")
+        row["train_seconds"] = m["train_seconds"]
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def summary_columns(prefix: str, values: Sequence[float]) -> dict:
+    """``prefix`` (mean), ``prefix_sd``, ``prefix_ci_low``, ``prefix_ci_high`` and
+    ``prefix_replicates`` (every value, ';'-separated, in replicate order)."""
+    interval = mean_interval(values)
+    return {prefix: interval["mean"], f"{prefix}_sd": interval["sd"], f"{prefix}_ci_low": interval["ci_low"],
+            f"{prefix}_ci_high": interval["ci_high"], f"{prefix}_replicates": ";".join(f"{v:.4g}" for v in values)}
+
+
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X ≥ k) for X ~ Binomial(n, p), exactly (log-space terms, no scipy needed)."""
+    """P(X ≥ k) for X ~ Binomial(n, p), exactly (log-space terms)."""
     if k <= 0:
         return 1.0
     if k > n:
@@ -63,48 +91,99 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
+def _groups(models: pd.DataFrame):
+    for group, rows in models.sort_values(["group", "replicate"]).groupby("group", sort=False):
+        yield group, rows
+
+
 def table1(models: pd.DataFrame, n_classes: int) -> pd.DataFrame:
-    rows = models[(models.kind == "target") & models.train_set.isin(TABLE1_SETS)].copy()
-    rows["order"] = rows.train_set.map({s: i for i, s in enumerate(TABLE1_SETS)})
-    rows = rows.sort_values(["order", "arch"])
-    out = rows[["train_set", "arch", "std_acc", "construction_success_rate", "n_test"]].rename(
-        columns={"std_acc": "test_acc"})
-    out["chance"] = 100.0 / n_classes
-    # One-sided exact binomial test of "no better than chance" on the n_test test images.
-    out["p_above_chance"] = [binomial_tail(round(acc / 100 * n), int(n), 1 / n_classes)
-                             for acc, n in zip(out.test_acc, out.n_test)]
-    reference = {s: references.TABLE1[s] for s in out.train_set if s in references.TABLE1}
-    out["paper_test_acc"] = out.train_set.map(lambda s: reference[s].value if s in reference else float("nan"))
-    out["paper_origin"] = out.train_set.map(lambda s: reference[s].origin if s in reference else "")
-    return out.reset_index(drop=True)
+    """Test accuracy per (training set, architecture) group of targets, over its replicates.
+    ``p_above_chance`` is the exact one-sided binomial test against chance of the replicate with
+    the lowest accuracy (chance is the weakest null; ``claims`` has the controls)."""
+    targets = models[(models.kind == "target") & models.train_set.isin(TABLE1_SETS)]
+    out = []
+    for _, rows in _groups(targets):
+        first = rows.iloc[0]
+        n = int(first.n_test)
+        reference = references.TABLE1.get(first.train_set)
+        out.append({"train_set": first.train_set, "arch": first.arch, "replicates": len(rows),
+                    **summary_columns("test_acc", list(rows.std_acc)),
+                    "construction_success_rate": first.construction_success_rate, "n_test": n,
+                    "chance": 100.0 / n_classes,
+                    "p_above_chance": binomial_tail(round(rows.std_acc.min() / 100 * n), n, 1 / n_classes),
+                    "paper_test_acc": reference.value if reference else float("nan"),
+                    "paper_origin": reference.origin if reference else ""})
+    table = pd.DataFrame(out)
+    if table.empty:
+        return table
+    table["order"] = table.train_set.map({s: i for i, s in enumerate(TABLE1_SETS)})
+    return table.sort_values(["order", "arch"]).drop(columns="order").reset_index(drop=True)
 
 
 def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float) -> pd.DataFrame:
-    """Figure 2's bars: ``rows`` maps a label (e.g. standard_on_d_r) to a model directory;
-    robust accuracy at radius ``eps`` (which every listed model must have been evaluated at)."""
+    """Figure 2's bars: ``rows`` maps a label (e.g. standard_on_d_r) to a model group (a source,
+    or ``targets/<set>/<arch>`` for all its replicates); robust accuracy at radius ``eps``."""
     col = robust_column(eps)
     out = []
-    by_model = models.set_index("model")
-    for label, model_dir in rows.items():
-        if model_dir not in by_model.index:
+    for label, group in rows.items():
+        members = models[models.group == group].sort_values("replicate")
+        if members.empty:
             continue
-        m = by_model.loc[model_dir]
-        if col not in m or pd.isna(m[col]):
-            raise ValueError(f"Figure 2: model {model_dir} has no robust accuracy at eps={eps:g}")
+        if col not in members or members[col].isna().any():
+            raise ValueError(f"Figure 2: model {group} has no robust accuracy at eps={eps:g}")
         paper_std, paper_robust = references.FIGURE2.get(label, (None, None))
-        out.append({"label": label, "model": model_dir, "std_acc": m["std_acc"],
-                    "robust_acc": m[col], "eps": eps,
+        out.append({"label": label, "model": group, "replicates": len(members),
+                    **summary_columns("std_acc", list(members.std_acc)),
+                    **summary_columns("robust_acc", list(members[col])), "eps": eps,
                     "paper_std_acc": paper_std.value if paper_std else float("nan"),
                     "paper_robust_acc": paper_robust.value if paper_robust else float("nan"),
                     "paper_origin": paper_std.origin if paper_std else ""})
     return pd.DataFrame(out)
 
 
-def write_tables(metrics_files: Mapping[str, str], constructed_files: Mapping[str, str], data_path: str | Path,
-                 figure2_rows: Mapping[str, str], figure2_eps: float, outputs: Mapping[str, str]
+def correct_per_example(predictions_path: str | Path, metric: str, eps: float) -> np.ndarray:
+    """Booleans per test image: clean prediction right (``clean``), or clean and attacked
+    prediction at ``eps`` both right (``robust``)."""
+    with hdf5.open_artifact(predictions_path, kind="evaluation") as art:
+        split = art.split("test")
+        labels = split.labels
+        correct = split["clean_pred"][:] == labels
+        if metric == "robust":
+            column = f"robust_pred_eps{eps:g}"
+            if column not in split:
+                raise ValueError(f"{predictions_path}: no robust predictions at eps={eps:g}")
+            correct &= split[column][:] == labels
+    return correct
+
+
+def claims(models: pd.DataFrame, comparisons: Sequence[Mapping], eps: float,
+           correct: Callable[[str, str], np.ndarray]) -> pd.DataFrame:
+    """One row per comparison and target architecture: group ``better`` against ``worse`` on the
+    same test images, replicate k against replicate k (``correct(model_dir, metric)`` gives the
+    per-example booleans)."""
+    targets = models[models.kind == "target"]
+    out = []
+    for comparison in comparisons:
+        metric = comparison["metric"]
+        for arch in sorted(targets.arch.unique()):
+            sides = [targets[(targets.train_set == comparison[side]) & (targets.arch == arch)].sort_values("replicate")
+                     for side in ("better", "worse")]
+            pairs = min(len(sides[0]), len(sides[1]))
+            if not pairs:
+                continue
+            a, b = (np.stack([correct(m, metric) for m in side.model.iloc[:pairs]]) for side in sides)
+            out.append({"better": comparison["better"], "worse": comparison["worse"], "arch": arch, "metric": metric,
+                        "eps": eps if metric == "robust" else float("nan"),
+                        "better_acc": 100 * a.mean(), "worse_acc": 100 * b.mean(), **paired_comparison(a, b)})
+    return pd.DataFrame(out)
+
+
+def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[str, str],
+                 constructed_files: Mapping[str, str], data_path: str | Path, *, figure2_rows: Mapping[str, str],
+                 figure2_eps: float, comparisons: Sequence[Mapping], outputs: Mapping[str, str]
                  ) -> dict[str, pd.DataFrame]:
-    """Aggregate every metrics.json and construction summary into the CSV tables ``outputs``
-    names (keys models, table1, figure2)."""
+    """Aggregate every metrics.json, predictions.h5 and construction summary into the CSV tables
+    ``outputs`` names (keys models, table1, figure2, claims)."""
     metrics = {name: json.loads(Path(path).read_text()) for name, path in metrics_files.items()}
     constructions = {}
     for name, path in constructed_files.items():
@@ -113,10 +192,15 @@ def write_tables(metrics_files: Mapping[str, str], constructed_files: Mapping[st
     with hdf5.open_artifact(data_path, kind="data") as data:
         n_classes = len(data.class_names)
     models = models_table(metrics, constructions)
-    tables = {"models": models, "table1": table1(models, n_classes), "figure2": figure2(models, figure2_rows, figure2_eps)}
+
+    def correct(model_dir: str, metric: str) -> np.ndarray:
+        return correct_per_example(predictions_files[model_dir], metric, figure2_eps)
+
+    tables = {"models": models, "table1": table1(models, n_classes),
+              "figure2": figure2(models, figure2_rows, figure2_eps),
+              "claims": claims(models, comparisons, figure2_eps, correct)}
     for key, df in tables.items():
-        path = Path(outputs[key])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(path, index=False, float_format="%.4g")
-        log.info("%s:\n%s", path, df.to_string(index=False))
+        with atomic_write(outputs[key]) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.4g")
+        log.info("%s:\n%s", outputs[key], df.to_string(index=False))
     return tables

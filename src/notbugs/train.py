@@ -35,7 +35,7 @@ from notbugs.runtime import atomic_write
 from notbugs.sampling import epoch_generator
 
 log = logging.getLogger(__name__)
-LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "seconds"]
+LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_robust_acc", "seconds"]
 
 
 def lr_at(epoch: int, cfg: Mapping) -> float:
@@ -78,18 +78,49 @@ def fingerprint(cfg: Mapping, seed: int, n_train: int) -> str:
     return json.dumps({"cfg": cfg, "seed": seed, "n": n_train}, sort_keys=True, default=str)
 
 
+def initial_model(arch: str, num_classes: int, mean, std, seed: int, device: torch.device | str = "cpu"):
+    """The untrained model that training with ``seed`` starts from."""
+    torch.manual_seed(seed)
+    return build_model(arch, num_classes, mean, std).to(device).to(memory_format=torch.channels_last)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The shuffled row order of one epoch, and the generator its augmentation and attacks go on with."""
+    gen = epoch_generator(seed, epoch)
+    return torch.randperm(n, generator=gen), gen
+
+
+def validate(model, val_images: torch.Tensor, val_labels: torch.Tensor, val_cfg: Mapping, batch_size: int
+             ) -> tuple[float, float]:
+    """(accuracy, robust accuracy or NaN) on the validation split, the model left as it was.
+    Robust accuracy attacks the first ``robust_examples`` images with L2 PGD (worst iterate)."""
+    with attacks.frozen(model), torch.no_grad():
+        preds = torch.cat([model(to_float(val_images[lo:lo + batch_size])).argmax(1)
+                           for lo in range(0, len(val_labels), batch_size)])
+    accuracy = float((preds == val_labels).float().mean())
+    k = min(val_cfg["robust_examples"], len(val_labels))
+    if not k:
+        return accuracy, float("nan")
+    eps, steps = val_cfg["robust_eps"], val_cfg["robust_steps"]
+    res = attacks.pgd(model, to_float(val_images[:k]), val_labels[:k], eps=eps, steps=steps,
+                      step_size=2.5 * eps / steps, norm="l2", worst_iterate=True)
+    return accuracy, float(((preds[:k] == val_labels[:k]) & ~res.success).float().mean())
+
+
 def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
           cfg: Mapping, seed: int, out_dir: str | os.PathLike, device: torch.device,
-          checkpoint_config: Mapping | None = None) -> dict:
+          checkpoint_config: Mapping | None = None, val: tuple[np.ndarray, np.ndarray] | None = None,
+          val_cfg: Mapping | None = None, keep_resume_state: bool = False) -> dict:
     """Train, checkpointing each epoch into ``out_dir/checkpoints``; writes ``out_dir/model.pt``
-    and ``out_dir/train_log.csv``. Returns a summary dict."""
+    and ``out_dir/train_log.csv``. With ``val`` (images, labels) and the config section
+    ``validation`` as ``val_cfg``, every epoch also logs accuracy on the validation split (which
+    draws no random numbers, so it does not change the training run). The resume state is removed
+    once the model is written, unless ``keep_resume_state``. Returns a summary dict."""
     out_dir = Path(out_dir)
     resume_path = out_dir / "checkpoints" / "last.pt"
     fp = fingerprint({**cfg, "arch": arch}, seed, len(labels))
 
-    torch.manual_seed(seed)
-    model = build_model(arch, num_classes, mean, std).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = initial_model(arch, num_classes, mean, std, seed, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                           weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
     start_epoch, history, elapsed = 0, [], 0.0
@@ -105,6 +136,8 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
 
     x_all = torch.from_numpy(images).to(device)
     y_all = torch.from_numpy(labels).to(device)
+    if val is not None:
+        x_val, y_val = torch.from_numpy(val[0]).to(device), torch.from_numpy(val[1]).to(device)
     adv = cfg["adversarial"]
     threat = attacks.threat_model(adv["norm"], adv["eps"], adv["step_size"]) if adv else None
     n, bs = len(labels), cfg["batch_size"]
@@ -112,10 +145,10 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
 
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
-        gen = epoch_generator(seed, epoch)
+        order, gen = epoch_order(seed, epoch, n)
+        order = order.to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        order = torch.randperm(n, generator=gen).to(device)
         model.train()
         total_loss = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -133,11 +166,14 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         elapsed += time.perf_counter() - t0
+        val_acc, val_robust = (validate(model, x_val, y_val, val_cfg, bs) if val is not None
+                               else (float("nan"), float("nan")))
         row = dict(epoch=epoch + 1, lr=lr_at(epoch, cfg), train_loss=float(total_loss) / seen,
-                   train_acc=float(correct) / seen, seconds=round(elapsed, 3))
+                   train_acc=float(correct) / seen, val_acc=val_acc, val_robust_acc=val_robust,
+                   seconds=round(elapsed, 3))
         history.append(row)
-        log.info("epoch %d/%d  loss %.4f  acc %.4f  lr %.4g", row["epoch"], cfg["epochs"],
-                 row["train_loss"], row["train_acc"], row["lr"])
+        log.info("epoch %d/%d  loss %.4f  acc %.4f  val acc %.4f  val robust %.4f  lr %.4g", row["epoch"],
+                 cfg["epochs"], row["train_loss"], row["train_acc"], val_acc, val_robust, row["lr"])
         with atomic_write(resume_path) as tmp:
             torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
@@ -146,7 +182,8 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
     save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
                     config=dict(checkpoint_config or {}, train=dict(cfg)), epochs=cfg["epochs"],
                     seed=seed, train_seconds=elapsed)
-    shutil.rmtree(resume_path.parent, ignore_errors=True)
+    if not keep_resume_state:
+        shutil.rmtree(resume_path.parent, ignore_errors=True)
     return {"train_seconds": elapsed, "final_train_acc": history[-1]["train_acc"] if history else None}
 
 

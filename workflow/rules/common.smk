@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
                             fresh_sources, nontransferable_set, validate_config)
+from notbugs.sampling import target_seed
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
@@ -19,6 +20,8 @@ SOURCES = sorted(config["sources"])
 CONSTRUCTIONS = sorted(config["constructions"])
 TRAIN_SETS = list(config["targets"]["train_sets"])
 TARGET_ARCHS = list(config["targets"]["archs"])
+REPLICATES = list(range(1, config["targets"]["replicates"] + 1))
+GROUP_REPLICATES = config["targets"]["group_replicates"]
 
 
 def _wants_gpu():
@@ -31,9 +34,31 @@ def _wants_gpu():
 GPU = _wants_gpu()
 
 
+def target_dir(train_set, arch, replicate=1):
+    """One target model's directory under RESULTS; the studies use replicate 1."""
+    return f"targets/{train_set}/{arch}/r{replicate}"
+
+
+def target_files(name):
+    """Output pattern of a target job: every replicate's file when replicates share a job,
+    else the file of replicate {replicate}."""
+    if GROUP_REPLICATES:
+        return [f"{RESULTS}/targets/{{train_set}}/{{arch}}/r{k}/{name}" for k in REPLICATES]
+    return [f"{RESULTS}/targets/{{train_set}}/{{arch}}/r{{replicate}}/{name}"]
+
+
+def target_job_log(stage):
+    replicate = "" if GROUP_REPLICATES else "_r{replicate}"
+    return f"{LOGS}/{stage}/{{train_set}}/{{arch}}{replicate}.log"
+
+
+def job_replicates(wildcards):
+    return REPLICATES if GROUP_REPLICATES else [int(wildcards.replicate)]
+
+
 def model_dirs():
     sources = [f"sources/{s}" for s in SOURCES]
-    targets = [f"targets/{t}/{a}" for t in TRAIN_SETS for a in TARGET_ARCHS]
+    targets = [target_dir(t, a, r) for t in TRAIN_SETS for a in TARGET_ARCHS for r in REPLICATES]
     return sources + targets
 
 
@@ -55,7 +80,7 @@ def construction_inputs(wildcards):
 def final_outputs():
     figures = [f"{RESULTS}/figures/{f}.png" for f in ("figure2", "table1", "training_curves")]
     grids = [f"{RESULTS}/figures/grids/{c}.png" for c in CONSTRUCTIONS]
-    tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2")]
+    tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2", "claims")]
     studies = [f"{RESULTS}/figures/{s}.png" for s in ENABLED_STUDIES]
     return figures + grids + tables + studies
 
@@ -80,3 +105,4 @@ wildcard_constraints:
     name="|".join(CONSTRUCTIONS) or "^$",
     train_set="|".join(TRAIN_SETS) or "^$",
     arch="[A-Za-z0-9_]+",
+    replicate="[0-9]+",

@@ -7,9 +7,9 @@ if STUDIES["transfer"]["enabled"]:
         input:
             source=f"{RESULTS}/sources/{config['constructions'][TRANSFER_SET]['source']}/model.pt",
             data=f"{RESULTS}/data.h5",
-            standard=expand(f"{RESULTS}/targets/{ORIGINAL_SET}/{{arch}}/model.pt", arch=TRANSFER_ARCHS),
-            standard_metrics=expand(f"{RESULTS}/targets/{ORIGINAL_SET}/{{arch}}/metrics.json", arch=TRANSFER_ARCHS),
-            learned_metrics=expand(f"{RESULTS}/targets/{TRANSFER_SET}/{{arch}}/metrics.json", arch=TRANSFER_ARCHS),
+            standard=[f"{RESULTS}/{target_dir(ORIGINAL_SET, a)}/model.pt" for a in TRANSFER_ARCHS],
+            standard_metrics=[f"{RESULTS}/{target_dir(ORIGINAL_SET, a)}/metrics.json" for a in TRANSFER_ARCHS],
+            learned_metrics=[f"{RESULTS}/{target_dir(TRANSFER_SET, a)}/metrics.json" for a in TRANSFER_ARCHS],
         output:
             study_table("transfer"),
         params:
@@ -41,8 +41,8 @@ if STUDIES["robust_leakage"]["enabled"]:
             linear=f"{RESULTS}/sources/{LINEAR_SOURCE}/model.pt",
             data=f"{RESULTS}/data.h5",
             constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=LEAKAGE_SETS),
-            deep_metrics=expand(f"{RESULTS}/targets/{{name}}/{TARGET_ARCHS[0]}/metrics.json",
-                                name=[s for s in LEAKAGE_SETS if s in TRAIN_SETS]),
+            deep_metrics=[f"{RESULTS}/{target_dir(s, TARGET_ARCHS[0])}/metrics.json"
+                          for s in LEAKAGE_SETS if s in TRAIN_SETS],
         output:
             accuracy=study_table("robust_leakage"),
             features=study_table("robust_leakage_features"),
@@ -89,10 +89,10 @@ if STUDIES["rebuttals"]["enabled"]:
     rule study_rebuttals:
         input:
             constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=REBUTTAL_SETS),
-            learned_metrics=expand(f"{RESULTS}/targets/{{name}}/{TARGET_ARCHS[0]}/metrics.json", name=REBUTTAL_SETS),
+            learned_metrics=[f"{RESULTS}/{target_dir(s, TARGET_ARCHS[0])}/metrics.json" for s in REBUTTAL_SETS],
             judge=f"{RESULTS}/sources/{fresh_sources(STUDIES['rebuttals']['fresh_models'] + 1)[-1]}/model.pt",
             relabelled=f"{RESULTS}/constructed/{RELABEL_SET}.h5",
-            relabel_metrics=f"{RESULTS}/targets/{RELABEL_SET}/{TARGET_ARCHS[0]}/metrics.json",
+            relabel_metrics=f"{RESULTS}/{target_dir(RELABEL_SET, TARGET_ARCHS[0])}/metrics.json",
             relabeller_metrics=f"{RESULTS}/sources/{RELABEL_SOURCE}/metrics.json",
             data=f"{RESULTS}/data.h5",
         output:

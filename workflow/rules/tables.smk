@@ -1,15 +1,18 @@
 rule tables:
     input:
         metrics=expand(f"{RESULTS}/{{model_dir}}/metrics.json", model_dir=model_dirs()),
+        predictions=expand(f"{RESULTS}/{{model_dir}}/predictions.h5", model_dir=model_dirs()),
         constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=CONSTRUCTIONS),
         data=f"{RESULTS}/data.h5",
     output:
         models=report(f"{RESULTS}/tables/models.csv", caption="../report/models_table.rst", category="Tables"),
         table1=report(f"{RESULTS}/tables/table1.csv", caption="../report/table1_csv.rst", category="Tables"),
         figure2=report(f"{RESULTS}/tables/figure2.csv", caption="../report/figure2_csv.rst", category="Tables"),
+        claims=report(f"{RESULTS}/tables/claims.csv", caption="../report/claims_csv.rst", category="Tables"),
     params:
         figure2_rows=config["figures"]["figure2"],
         figure2_eps=config["figures"]["figure2_eps"],
+        comparisons=config["comparisons"],
         model_dirs=model_dirs(),
         constructions=CONSTRUCTIONS,
     log:

@@ -2,12 +2,13 @@ rule train_source:
     input:
         data=f"{RESULTS}/data.h5",
     output:
-        model=f"{RESULTS}/sources/{{source}}/model.pt",
-        log_csv=f"{RESULTS}/sources/{{source}}/train_log.csv",
+        models=[f"{RESULTS}/sources/{{source}}/model.pt"],
+        logs=[f"{RESULTS}/sources/{{source}}/train_log.csv"],
     params:
         arch=lambda wc: config["sources"][wc.source]["arch"],
         train=lambda wc: config["sources"][wc.source]["train"],
-        seed=lambda wc: config["sources"][wc.source].get("seed", config["seed"]),
+        seeds=lambda wc: [config["sources"][wc.source].get("seed", config["seed"])],
+        validation=config["validation"],
         device=config["device"],
     log:
         f"{LOGS}/train_source/{{source}}.log",
@@ -29,15 +30,17 @@ rule train_target:
         data=f"{RESULTS}/data.h5",
         train_set=training_set_file,
     output:
-        model=f"{RESULTS}/targets/{{train_set}}/{{arch}}/model.pt",
-        log_csv=f"{RESULTS}/targets/{{train_set}}/{{arch}}/train_log.csv",
+        models=target_files("model.pt"),
+        logs=target_files("train_log.csv"),
     params:
         arch=lambda wc: wc.arch,
         train=config["targets"]["train"],
-        seed=config["seed"],
+        # Fresh targets: a seed of their own, never the sources' (docs/paper-notes.md §3).
+        seeds=lambda wc: [target_seed(config["seed"], wc.train_set, wc.arch, k) for k in job_replicates(wc)],
+        validation=config["validation"],
         device=config["device"],
     log:
-        f"{LOGS}/train_target/{{train_set}}/{{arch}}.log",
+        target_job_log("train_target"),
     conda:
         "../../envs/notbugs.yaml"
     threads: config["threads"]

@@ -7,9 +7,11 @@ from notbugs.tables import write_tables
 def main(smk):
     start_logging(smk.log[0])
     write_tables(dict(zip(smk.params.model_dirs, smk.input.metrics)),
-                 dict(zip(smk.params.constructions, smk.input.constructed)),
-                 smk.input.data, smk.params.figure2_rows, smk.params.figure2_eps,
-                 {key: smk.output[key] for key in ("models", "table1", "figure2")})
+                 dict(zip(smk.params.model_dirs, smk.input.predictions)),
+                 dict(zip(smk.params.constructions, smk.input.constructed)), smk.input.data,
+                 figure2_rows=smk.params.figure2_rows, figure2_eps=smk.params.figure2_eps,
+                 comparisons=smk.params.comparisons,
+                 outputs={key: smk.output[key] for key in ("models", "table1", "figure2", "claims")})
 
 
 if __name__ == "__main__":
