@@ -62,7 +62,7 @@ def test_the_claims_hold_against_their_controls(default_run):
     claims = pd.read_csv(results / "tables" / "claims.csv").set_index(["better", "worse"])
     for pair in [("d_r", "d"), ("d_rand", "d_leak_rand"), ("d_det", "d_leak_det")]:
         row = claims.loc[pair]
-        assert row.replicates == 3 and row.diff > 0 and row.diff_ci_low > 0 and row.p_value < 0.01, (pair, row)
+        assert row["replicates"] == 3 and row["diff"] > 0 and row["diff_ci_low"] > 0 and row["p_value"] < 0.01, (pair, row)
 
 
 @pytest.mark.parametrize("name", ["d_rand", "d_det", "d_other"])
