@@ -165,8 +165,8 @@ def test_unknown_construction_setting_is_named(config):
 def test_complete_fills_one_section_and_names_bad_keys():
     train = complete("targets.train", {"epochs": 3})
     assert train["epochs"] == 3 and train["augment"] == {"crop": False, "padding": 4, "flip": False}
-    assert complete("constructions.anything", {"method": "leakage"}) == {"method": "leakage", "target": "random",
-                                                                         "eps": 0.5}
+    assert complete("constructions.anything", {"method": "leakage"}) == {
+        "method": "leakage", "target": "random", "eps": 0.5, "pattern": "deconv", "mask": "none"}
     with pytest.raises(ConfigError, match=r"'targets.train.epochs'"):
         complete("targets.train", {"epochs": 0})
     with pytest.raises(KeyError, match="no key"):
@@ -204,3 +204,27 @@ def test_figure2_rows_must_name_trained_models(config):
     config["targets"]["archs"] = ["small_cnn_wide"]
     message = _error(config)
     assert "figures.figure2.standard_on_d" in message and "targets/d/small_cnn" in message
+
+
+def test_a_twin_must_be_built_at_its_pgd_sets_eps(config):
+    config["constructions"]["d_leak_det"]["eps"] = 1.0
+    message = _error(config)
+    assert "constructions.d_leak_det.eps" in message and "twin" in message
+
+
+def test_a_twin_must_name_a_targeted_attack(config):
+    config["constructions"]["d_leak_det"]["twin_of"] = "d_r"
+    assert "constructions.d_leak_det.twin_of" in _error(config)
+
+
+def test_a_clean_model_mask_needs_its_model(config):
+    del config["constructions"]["d_leak_det"]["source"]
+    assert "constructions.d_leak_det.source" in _error(config)
+
+
+def test_comparisons_across_eps_are_refused(config):
+    config["constructions"]["d_det"]["eps"] = 1.0
+    config["constructions"]["d_leak_det"]["eps"] = 1.0
+    config["comparisons"].append({"better": "d_det", "worse": "d_leak_rand", "metric": "clean"})
+    message = _error(config)
+    assert "comparisons." in message and "different eps" in message

@@ -115,17 +115,64 @@ def test_inversion_from_noise_draws_from_the_chunk_generator():
     assert not torch.allclose(first.images, other.images)
 
 
-def test_leakage_adds_the_pattern_of_the_target_class_only():
+@pytest.mark.parametrize("pattern", ["deconv", "gaussian"])
+def test_leakage_adds_the_pattern_of_the_target_class_only(pattern):
     images, labels = _images(), _labels()
     images = images * 0.5 + 0.25  # away from the box, so clamping cannot change the pattern
-    cfg = construction_config(method="leakage", target="random", eps=0.3)
+    cfg = construction_config(method="leakage", target="random", eps=0.3, pattern=pattern)
     method = construct.Leakage(cfg, seed=4)
     assert not construct.Leakage.needs_source and not construct.Leakage.has_success_rate
     _, targets, built = _run(method, images, labels)
-    patterns = construct.leakage_patterns(N_CLASSES, (3, 32, 32), 0.3, seed=4)
+    patterns = construct.leakage_patterns(N_CLASSES, (3, 32, 32), 0.3, seed=4, kind=pattern)
     np.testing.assert_allclose((built.images - images).numpy(), patterns[targets], atol=1e-6)
     np.testing.assert_allclose(built.perturbation_norm.numpy(), 0.3, rtol=1e-4)
     assert not built.target_reached.any()
+
+
+@pytest.mark.parametrize("mask", ["label", "clean_model"])
+def test_leakage_mask_leaves_exactly_the_masked_rows_untouched(mask):
+    images, labels = _images(200) * 0.5 + 0.25, _labels(200)
+    model = _model()
+    cfg = construction_config(method="leakage", target="random", eps=0.5, mask=mask,
+                              **({"source": "brief"} if mask == "clean_model" else {}))
+    _, targets, built = _run(construct.Leakage(cfg, seed=0, source=model), images, labels)
+    if mask == "label":
+        masked = targets == labels
+    else:
+        with torch.no_grad():
+            masked = (model(images).argmax(1).numpy() == targets)
+    assert 0 < masked.sum() < len(masked)
+    changed = (built.images != images).flatten(1).any(1).numpy()
+    np.testing.assert_array_equal(changed, ~masked)
+    assert (built.perturbation_norm.numpy()[masked] == 0).all()
+    np.testing.assert_allclose(built.perturbation_norm.numpy()[~masked], 0.5, rtol=1e-4)
+
+
+def test_leakage_twin_copies_rows_and_labels_of_its_pgd_set(tmp_path):
+    from notbugs import hdf5
+    rows = np.array([3, 1, 4, 7], dtype=np.int64)
+    twin_labels = np.array([2, 2, 9, 0], dtype=np.int64)
+    hdf5.write_artifact(tmp_path / "d_rand.h5", kind="constructed", class_names=[str(c) for c in range(10)],
+                        config={}, seed=0, source="test",
+                        splits={"train": {"images": np.zeros((4, 3, 32, 32), np.float32), "labels": twin_labels,
+                                          "orig_index": rows}})
+    cfg = construction_config(method="leakage", twin_of="d_rand", mask="label")
+    method = construct.Leakage(cfg, seed=0, twin=tmp_path / "d_rand.h5")
+    got_rows, got_targets = method.plan(_images(8).numpy(), _labels(8), N_CLASSES, np.random.default_rng(0), 64, "cpu")
+    np.testing.assert_array_equal(got_rows, rows)
+    np.testing.assert_array_equal(got_targets, twin_labels)
+
+
+def test_deconv_patterns_survive_a_two_pixel_shift():
+    patterns = construct.leakage_patterns(10, (3, 32, 32), 0.5, seed=0, kind="deconv")
+    flat = patterns.reshape(10, -1)
+    for axis in (2, 3):
+        shifted = np.roll(patterns, 2, axis=axis).reshape(10, -1)
+        cosine = (flat * shifted).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(shifted, axis=1))
+        assert cosine.min() >= 0.9, cosine
+    gaussian = construct.leakage_patterns(10, (3, 32, 32), 0.5, seed=0).reshape(10, -1)
+    shifted = np.roll(gaussian.reshape(10, 3, 32, 32), 2, axis=3).reshape(10, -1)
+    assert ((gaussian * shifted).sum(1) / 0.25).max() < 0.5  # a Gaussian pattern does not
 
 
 def test_leakage_patterns_have_norm_eps_and_differ_per_class_and_seed():

@@ -35,7 +35,7 @@ def test_default_run_produces_every_table_figure_and_the_report(default_run):
     for figure in ("figure2", "table1", "training_curves"):
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 5000
-    assert len(list((results / "figures" / "grids").glob("*.png"))) == 7
+    assert len(list((results / "figures" / "grids").glob("*.png"))) == 8
     report = (workdir / "report.html").read_text()
     assert "Figure 2 of Ilyas" in report and "Table 1 of Ilyas" in report
 
@@ -57,10 +57,26 @@ def test_planted_ground_truth_is_reproduced(default_run):
     assert worst.loc["targets/d_det/small_cnn"].std_acc >= 40
 
 
+def test_leakage_twins_are_fitted_and_copy_their_pgd_sets(default_run):
+    _, results = default_run
+    models = pd.read_csv(results / "tables" / "models.csv")
+    for twin, pgd in [("d_leak_rand", "d_rand"), ("d_leak_det", "d_det"), ("d_leak_other", "d_other")]:
+        fit = models[models.train_set == twin].train_fit
+        assert len(fit) == 3 and (fit >= 90).all(), (twin, list(fit))  # the shortcut is learnt
+        with h5py.File(results / "constructed" / f"{twin}.h5", "r") as t, \
+                h5py.File(results / "constructed" / f"{pgd}.h5", "r") as p:
+            np.testing.assert_array_equal(t["train/labels"][:], p["train/labels"][:])
+            np.testing.assert_array_equal(t["train/orig_index"][:], p["train/orig_index"][:])
+            untouched = t["train/perturbation_norm"][:] == 0
+            assert 0 < untouched.mean() < 0.5
+            if twin == "d_leak_rand":  # the mask is exactly t = y
+                np.testing.assert_array_equal(untouched, t["train/labels"][:] == t["train/orig_label"][:])
+
+
 def test_the_claims_hold_against_their_controls(default_run):
     _, results = default_run
     claims = pd.read_csv(results / "tables" / "claims.csv").set_index(["better", "worse"])
-    for pair in [("d_r", "d"), ("d_rand", "d_leak_rand"), ("d_det", "d_leak_det")]:
+    for pair in [("d_r", "d"), ("d_rand", "d_leak_rand"), ("d_det", "d_leak_det"), ("d_other", "d_leak_other")]:
         row = claims.loc[pair]
         assert row["replicates"] == 3 and row["diff"] > 0 and row["diff_ci_low"] > 0 and row["p_value"] < 0.01, (pair, row)
 
@@ -97,3 +113,10 @@ def test_constructed_pgd_sets_read_with_plain_h5py(default_run, name):
         predictions = torch.cat([model(torch.from_numpy(images[i:i + chunk])).argmax(1)
                                  for i in range(0, len(images), chunk)]).numpy()
     assert stored_rate == float(np.mean(predictions == labels))
+    with h5py.File(results / "constructed" / f"{name}.h5", "r") as f:
+        robust_rate, check = float(f.attrs["robust_says_target_rate"]), f.attrs["robust_check_checkpoint"]
+    robust, _ = load_model(results.parents[1] / check)
+    with torch.no_grad():
+        robust_predictions = torch.cat([robust(torch.from_numpy(images[i:i + chunk])).argmax(1)
+                                        for i in range(0, len(images), chunk)]).numpy()
+    assert abs(robust_rate - float(np.mean(robust_predictions == labels))) <= 2 / len(labels)

@@ -30,7 +30,7 @@ def test_table1_reports_replicates_and_a_conservative_p_value_against_chance():
                            "group": ["targets/d_rand/m", "targets/d_rand/m", "targets/d_det/m"],
                            "replicate": [1, 2, 1], "kind": "target", "train_set": ["d_rand", "d_rand", "d_det"],
                            "arch": "m", "std_acc": [12.5, 14.0, 10.0], "construction_success_rate": [90.0, 90.0, 80.0],
-                           "n_test": 2000})
+                           "n_test": 2000, "train_fit": [99.0, 98.0, 97.0]})
     out = table1(models, 10).set_index("train_set")
     assert out.loc["d_rand", "replicates"] == 2 and out.loc["d_rand", "test_acc"] == pytest.approx(13.25)
     assert out.loc["d_rand", "test_acc_replicates"] == "12.5;14"
@@ -41,7 +41,7 @@ def test_table1_reports_replicates_and_a_conservative_p_value_against_chance():
 
 
 def _metrics(std, robust):
-    return {"std_acc": std, "n_test": 100, "arch": "m", "adversarial": None, "train_seconds": 1.0,
+    return {"std_acc": std, "n_test": 100, "arch": "m", "adversarial": None, "train_seconds": 1.0, "train_fit": 0.99,
             "robust": [{"eps": eps, "robust_acc": acc, "norm": "l2", "steps": 2, "step_size": 0.1, "restarts": 1}
                        for eps, acc in robust.items()]}
 
@@ -73,6 +73,7 @@ def test_table1_orders_sets_and_takes_reference_values():
     models = models_table({f"targets/{s}/m/r1": _metrics(0.3, {0.25: 0.0}) for s in ("d_det", "d", "d_rand")}, {})
     out = table1(models, 10)
     assert list(out.train_set) == ["d", "d_rand", "d_det"]
+    assert (out.train_fit == 99.0).all()
     assert list(out.paper_test_acc) == [references.TABLE1[s].value for s in out.train_set]
 
 

@@ -194,8 +194,26 @@ def check_references(config: Mapping) -> None:
         if train_set != ORIGINAL_SET and train_set not in constructions:
             raise ConfigError(f"config key 'targets.train_sets.{i}': {train_set!r} is neither "
                               f"'{ORIGINAL_SET}' nor a construction ({sorted(constructions)})")
+    for name, cons in constructions.items():
+        twin = cons.get("twin_of")
+        if twin is None:
+            continue
+        if twin not in constructions or "target" not in constructions[twin] or "source" not in constructions[twin]:
+            raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not a targeted-attack "
+                              f"construction (constructions: {sorted(constructions)})")
+        if cons["eps"] != constructions[twin]["eps"]:
+            raise ConfigError(f"config key 'constructions.{name}.eps': {cons['eps']} differs from its twin {twin!r} "
+                              f"({constructions[twin]['eps']}); a control at another eps controls nothing")
+    check = config["robust_leakage_check"]
+    if check is not None and check not in sources:
+        raise ConfigError(f"config key 'robust_leakage_check': no source named {check!r} (sources: {sorted(sources)})")
     train_sets = config["targets"]["train_sets"]
     for i, comparison in enumerate(config["comparisons"]):
+        radii = {constructions[s]["eps"] for s in (comparison["better"], comparison["worse"])
+                 if s in constructions and "eps" in constructions[s]}
+        if len(radii) > 1:
+            raise ConfigError(f"config key 'comparisons.{i}': {comparison['better']} and {comparison['worse']} are "
+                              f"built at different eps ({sorted(radii)}); compare sets at the same eps")
         for side in ("better", "worse"):
             if comparison[side] not in train_sets:
                 raise ConfigError(f"config key 'comparisons.{i}.{side}': {comparison[side]!r} is not one of "

@@ -64,10 +64,11 @@ class Method:
     name: ClassVar[str]
     needs_source: ClassVar[bool] = True
     has_success_rate: ClassVar[bool] = True  # False: target_reached carries no meaning
+    targeted_attack: ClassVar[bool] = False  # moves images towards t: checked for robust leakage
 
     def __init__(self, cfg: Mapping, *, seed: int, source: torch.nn.Module | None = None,
-                 ensemble: Sequence[torch.nn.Module] = ()):
-        self.cfg, self.seed, self.source, self.ensemble = cfg, seed, source, list(ensemble)
+                 ensemble: Sequence[torch.nn.Module] = (), twin: str | Path | None = None):
+        self.cfg, self.seed, self.source, self.ensemble, self.twin = cfg, seed, source, list(ensemble), twin
 
     def plan(self, images, labels: np.ndarray, n_classes: int, rng: np.random.Generator,
              batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +106,7 @@ class TargetedPGD(Method):
     clamp, keeping the lowest-loss iterate; label t."""
 
     name = "pgd"
+    targeted_attack = True
 
     def build(self, chunk: Chunk) -> Built:
         cfg = self.cfg
@@ -120,6 +122,7 @@ class NonTransferablePGD(Method):
     features other models would read as t; label t."""
 
     name = "nontransferable"
+    targeted_attack = True
 
     def build(self, chunk: Chunk) -> Built:
         cfg = self.cfg
@@ -129,28 +132,60 @@ class NonTransferablePGD(Method):
         return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)
 
 
-def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int) -> np.ndarray:
-    """One fixed Gaussian pattern per class, each of L2 norm ``eps``."""
+def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int,
+                     kind: str = "gaussian") -> np.ndarray:
+    """One fixed pattern per class, each of L2 norm ``eps``: i.i.d. Gaussian, or ``deconv``, a
+    random 3×3 kernel per class applied as a stride-2 transposed convolution to an all-ones map
+    (the replication's patterns: 2-pixel periodic, so a random crop shifts one into one of a few
+    fixed phases instead of destroying it)."""
     rng = np.random.default_rng([seed, 0x1EA4])
-    patterns = rng.standard_normal((n_classes,) + tuple(shape)).astype(np.float32)
+    if kind == "gaussian":
+        patterns = rng.standard_normal((n_classes,) + tuple(shape)).astype(np.float32)
+    elif kind == "deconv":
+        channels, height, width = shape
+        kernels = torch.from_numpy(rng.standard_normal((n_classes, 1, channels, 3, 3)).astype(np.float32))
+        ones = torch.ones(1, 1, (height + 1) // 2, (width + 1) // 2)
+        patterns = torch.cat([F.conv_transpose2d(ones, k, stride=2, padding=1, output_padding=1)[..., :height, :width]
+                              for k in kernels]).numpy()
+    else:
+        raise ValueError(f"unknown leakage pattern {kind!r}")
     norms = np.linalg.norm(patterns.reshape(n_classes, -1), axis=1).reshape(-1, *([1] * len(shape)))
-    return patterns / norms * eps
+    return (patterns / norms * eps).astype(np.float32)
 
 
 class Leakage(Method):
-    """Control without a model: add a fixed random pattern of norm ε keyed to t; label t."""
+    """Leakage-only control: no attack, a fixed pattern of norm ε keyed to t, label t. With
+    ``twin_of`` it takes the rows and target labels of its PGD twin, so the two sets differ only
+    in what was added to each image; the mask leaves δ = 0 where the image already belongs to t
+    (t = y, or a briefly trained clean model predicts t)."""
 
     name = "leakage"
     needs_source = False
     has_success_rate = False
 
     def plan(self, images, labels, n_classes, rng, batch_size, device):
+        cfg = self.cfg
         self.patterns = torch.from_numpy(
-            leakage_patterns(n_classes, images.shape[1:], self.cfg["eps"], self.seed)).to(device)
-        return super().plan(images, labels, n_classes, rng, batch_size, device)
+            leakage_patterns(n_classes, images.shape[1:], cfg["eps"], self.seed, cfg["pattern"])).to(device)
+        if self.twin is None:
+            return super().plan(images, labels, n_classes, rng, batch_size, device)
+        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
+            split = twin.split("train")
+            return split["orig_index"][:], split.labels
+
+    def unperturbed(self, chunk: Chunk) -> torch.Tensor:
+        """The rows the mask leaves as they are."""
+        mask = self.cfg["mask"]
+        if mask == "label":
+            return chunk.targets == chunk.labels
+        if mask == "clean_model":
+            with torch.no_grad():
+                return self.source(chunk.x).argmax(1) == chunk.targets
+        return torch.zeros(len(chunk.targets), dtype=torch.bool, device=chunk.x.device)
 
     def build(self, chunk: Chunk) -> Built:
-        x_new = (chunk.x + self.patterns[chunk.targets]).clamp(0, 1)
+        keep = self.unperturbed(chunk).view(-1, 1, 1, 1)
+        x_new = torch.where(keep, chunk.x, (chunk.x + self.patterns[chunk.targets]).clamp(0, 1))
         n = len(chunk.targets)
         return Built(x_new, torch.full((n,), float("nan"), device=x_new.device),
                      (x_new - chunk.x).flatten(1).norm(dim=1), torch.zeros(n, dtype=torch.bool, device=x_new.device))
@@ -181,6 +216,17 @@ class Relabel(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, NonTransferablePGD, Leakage, Relabel)}
 
 
+def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.ndarray, labels: np.ndarray,
+                         batch_size: int, device: torch.device, fast: Mapping) -> dict:
+    """How often a robust model reads each constructed image as its new label t and as its
+    original label y (docs/paper-notes.md §7: a large ε can paint in robust features of t)."""
+    model = accelerate(load_model(checkpoint, device=device)[0], fast)
+    predictions = predict(model, writer.dataset("images"), batch_size, device)  # streamed: memory stays flat
+    return {"robust_check_checkpoint": str(checkpoint),
+            "robust_says_target_rate": float((predictions == targets).mean()),
+            "robust_says_label_rate": float((predictions == labels).mean())}
+
+
 def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
     return {
         "images": hdf5.ColumnSpec(image_shape, "float32"),
@@ -195,18 +241,21 @@ def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
 
 def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoint: str | Path | None,
               output: str | Path, seed: int, device: torch.device, chunk_size: int, fast: Mapping,
-              ensemble_checkpoints: Sequence[str | Path] = ()) -> Path:
+              ensemble_checkpoints: Sequence[str | Path] = (), twin: str | Path | None = None,
+              check_checkpoint: str | Path | None = None) -> Path:
     """Build construction ``name`` (its validated config ``cfg``) into ``output``, resuming a
-    matching ``.partial`` file."""
+    matching ``.partial`` file. ``twin``: the constructed file a leakage control copies its rows
+    and labels from. ``check_checkpoint``: a robust model that classifies every constructed image
+    afterwards, to measure how often the attack painted in robust features of t."""
     method_class = METHODS.get(cfg["method"])
     if method_class is None:
         raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
     source, ensemble, source_sha = None, [], None
-    if method_class.needs_source:
+    if source_checkpoint is not None:
         source_sha = file_sha256(source_checkpoint)
         source = accelerate(load_model(source_checkpoint, device=device)[0], fast)
         ensemble = [accelerate(load_model(path, device=device)[0], fast) for path in ensemble_checkpoints]
-    method = method_class(cfg, seed=seed, source=source, ensemble=ensemble)
+    method = method_class(cfg, seed=seed, source=source, ensemble=ensemble, twin=twin)
 
     with hdf5.open_artifact(data_path, kind="data") as data:
         train = data.split("train")
@@ -225,6 +274,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
 
         fingerprint = json.dumps({"cfg": cfg, "seed": seed, "chunk": chunk_size, "source": source_sha,
                                   "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
+                                  "twin": file_sha256(twin) if twin else None,
                                   "data": file_sha256(data_path)}, sort_keys=True)
         writer = hdf5.ChunkedWriter(output, n, _columns(image_shape), fingerprint)
         if writer.rows_done:
@@ -250,10 +300,12 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 log.info("%s: %d/%d rows done", name, lo + len(index), n)
             bar.close()
             norms = writer.read_column("perturbation_norm")
+            check = (robust_leakage_check(check_checkpoint, writer, targets[rows], labels[rows], chunk_size, device, fast)
+                     if check_checkpoint else {})
             summary = {
                 "method": cfg["method"],
                 "attack": json.dumps(dict(cfg)),
-                "source_checkpoint": str(source_checkpoint) if method_class.needs_source else "",
+                "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
                 "success_rate": (float(writer.read_column("target_reached").mean())
@@ -263,6 +315,9 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 "label_equals_orig_rate": float((targets[rows] == labels[rows]).mean()),
                 "rows_kept": n,
                 "rows_in_source_set": len(labels),
+                "unperturbed_rate": float((norms == 0).mean()),
+                "twin": str(twin) if twin else "",
+                **check,
             }
             log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
             return writer.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},

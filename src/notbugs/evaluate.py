@@ -135,6 +135,7 @@ def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg:
         finally:
             writer.close()
     result.update(arch=meta["arch"], epochs=meta["epochs"], train_seconds=meta["train_seconds"],
+                  train_fit=meta["train_fit"],
                   adversarial=meta["config"]["train"]["adversarial"], checkpoint=str(model_path),
                   predictions=str(predictions))
     log.info("%s: std %.2f%%, %s", model_path, 100 * result["std_acc"],

@@ -186,6 +186,10 @@ class ChunkedWriter:
         self._file.flush()
         self.rows_done = stop
 
+    def dataset(self, name: str) -> h5py.Dataset:
+        """One column as an h5py dataset, to stream (only the first ``rows_done`` rows are final)."""
+        return self._file[self.split][name]
+
     def read_column(self, name: str) -> np.ndarray:
         """Everything written so far in one column (e.g. to aggregate diagnostics)."""
         return self._file[self.split][name][: self.rows_done]

@@ -32,8 +32,11 @@ TABLE1 = {
     "d_rand": Reference(63.3, "paper", "paper Table 1"),
     "d_det": Reference(43.7, "paper", "paper Table 1"),
     "d_other": Reference(67.3, "replication", "docs/paper-notes.md §6"),
-    "d_leak_rand": Reference(79.5, "replication", "docs/paper-notes.md §6"),
-    "d_leak_det": Reference(32.3, "replication", "docs/paper-notes.md §6"),
+    # The leakage-only twins as the replication built them: deconv patterns of norm 0.5; mask t = y
+    # for D_rand's twin, a 1-epoch clean model's predictions for D_det's and D_other's.
+    "d_leak_rand": Reference(79.5, "replication", "docs/paper-notes.md §6 (mask t = y)"),
+    "d_leak_det": Reference(32.3, "replication", "docs/paper-notes.md §6 (1-epoch clean-model mask)"),
+    "d_leak_other": Reference(50.1, "replication", "docs/paper-notes.md §6 (1-epoch clean-model mask)"),
 }
 
 # Goh, "Robust Feature Leakage" (Distill 2019; docs/paper-notes.md §6): test accuracy of a linear

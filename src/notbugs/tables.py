@@ -28,7 +28,10 @@ from notbugs.stats import mean_interval, paired_comparison
 
 log = logging.getLogger(__name__)
 
-TABLE1_SETS = ("d", "d_rand", "d_det", "d_other", "d_leak_rand", "d_leak_det")
+# Each PGD set followed by its leakage-only twin.
+TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "d_leak_other")
+CONSTRUCTION_ATTRS = ("success_rate", "mean_perturbation_norm", "eps", "unperturbed_rate", "robust_says_target_rate",
+                     "robust_says_label_rate")
 _REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
 
 
@@ -66,6 +69,7 @@ def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Map
                                             if cons.get("success_rate") is not None else float("nan"))
         row["construction_mean_l2"] = cons.get("mean_perturbation_norm", float("nan"))
         row["n_test"] = m["n_test"]
+        row["train_fit"] = 100 * m["train_fit"]
         row["train_seconds"] = m["train_seconds"]
         rows.append(row)
     return pd.DataFrame(rows)
@@ -96,19 +100,25 @@ def _groups(models: pd.DataFrame):
         yield group, rows
 
 
-def table1(models: pd.DataFrame, n_classes: int) -> pd.DataFrame:
+def table1(models: pd.DataFrame, n_classes: int, constructions: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
     """Test accuracy per (training set, architecture) group of targets, over its replicates.
     ``p_above_chance`` is the exact one-sided binomial test against chance of the replicate with
     the lowest accuracy (chance is the weakest null; ``claims`` has the controls)."""
     targets = models[(models.kind == "target") & models.train_set.isin(TABLE1_SETS)]
+    constructions = constructions or {}
     out = []
     for _, rows in _groups(targets):
         first = rows.iloc[0]
         n = int(first.n_test)
         reference = references.TABLE1.get(first.train_set)
-        out.append({"train_set": first.train_set, "arch": first.arch, "replicates": len(rows),
-                    **summary_columns("test_acc", list(rows.std_acc)),
-                    "construction_success_rate": first.construction_success_rate, "n_test": n,
+        cons = constructions.get(first.train_set, {})
+        out.append({"train_set": first.train_set, "arch": first.arch, "eps": cons.get("eps", float("nan")),
+                    "replicates": len(rows), **summary_columns("test_acc", list(rows.std_acc)),
+                    "train_fit": rows.train_fit.mean(),
+                    "construction_success_rate": first.construction_success_rate,
+                    "unperturbed_rate": 100 * cons.get("unperturbed_rate", float("nan")),
+                    "robust_says_target": 100 * cons.get("robust_says_target_rate", float("nan")),
+                    "robust_says_label": 100 * cons.get("robust_says_label_rate", float("nan")), "n_test": n,
                     "chance": 100.0 / n_classes,
                     "p_above_chance": binomial_tail(round(rows.std_acc.min() / 100 * n), n, 1 / n_classes),
                     "paper_test_acc": reference.value if reference else float("nan"),
@@ -188,7 +198,8 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
     constructions = {}
     for name, path in constructed_files.items():
         with hdf5.open_artifact(path, kind="constructed") as art:
-            constructions[name] = {k: art.attrs.get(k) for k in ("success_rate", "mean_perturbation_norm")}
+            constructions[name] = {k: art.attrs[k] for k in CONSTRUCTION_ATTRS if k in art.attrs}
+            constructions[name]["eps"] = art.config[name].get("eps", float("nan"))
     with hdf5.open_artifact(data_path, kind="data") as data:
         n_classes = len(data.class_names)
     models = models_table(metrics, constructions)
@@ -196,7 +207,7 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
     def correct(model_dir: str, metric: str) -> np.ndarray:
         return correct_per_example(predictions_files[model_dir], metric, figure2_eps)
 
-    tables = {"models": models, "table1": table1(models, n_classes),
+    tables = {"models": models, "table1": table1(models, n_classes, constructions),
               "figure2": figure2(models, figure2_rows, figure2_eps),
               "claims": claims(models, comparisons, figure2_eps, correct)}
     for key, df in tables.items():

@@ -90,13 +90,18 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Gene
     return torch.randperm(n, generator=gen), gen
 
 
+def predictions(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's classes for un-augmented images (eval mode), the model left as it was."""
+    with attacks.frozen(model), torch.no_grad():
+        return torch.cat([model(to_float(images[lo:lo + batch_size])).argmax(1)
+                          for lo in range(0, len(images), batch_size)])
+
+
 def validate(model, val_images: torch.Tensor, val_labels: torch.Tensor, val_cfg: Mapping, batch_size: int
              ) -> tuple[float, float]:
     """(accuracy, robust accuracy or NaN) on the validation split, the model left as it was.
     Robust accuracy attacks the first ``robust_examples`` images with L2 PGD (worst iterate)."""
-    with attacks.frozen(model), torch.no_grad():
-        preds = torch.cat([model(to_float(val_images[lo:lo + batch_size])).argmax(1)
-                           for lo in range(0, len(val_labels), batch_size)])
+    preds = predictions(model, val_images, batch_size)
     accuracy = float((preds == val_labels).float().mean())
     k = min(val_cfg["robust_examples"], len(val_labels))
     if not k:
@@ -178,13 +183,18 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
             torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
 
+    # How well the model fits its own training set (un-augmented): a control such as a
+    # leakage-only set means nothing if its shortcut was never learnt (docs/paper-notes.md §6).
+    train_fit = float((predictions(model, x_all, bs) == y_all).float().mean())
+    log.info("fit of its own training set: %.4f", train_fit)
     write_log(out_dir / "train_log.csv", history)
     save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
                     config=dict(checkpoint_config or {}, train=dict(cfg)), epochs=cfg["epochs"],
-                    seed=seed, train_seconds=elapsed)
+                    seed=seed, train_seconds=elapsed, train_fit=train_fit)
     if not keep_resume_state:
         shutil.rmtree(resume_path.parent, ignore_errors=True)
-    return {"train_seconds": elapsed, "final_train_acc": history[-1]["train_acc"] if history else None}
+    return {"train_seconds": elapsed, "final_train_acc": history[-1]["train_acc"] if history else None,
+            "train_fit": train_fit}
 
 
 def train_step(model, opt, x, y, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from snakemake.exceptions import WorkflowError
 
 from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
                             fresh_sources, nontransferable_set, validate_config)
+from notbugs.construct import METHODS
 from notbugs.sampling import target_seed
 
 try:
@@ -74,6 +75,10 @@ def construction_inputs(wildcards):
     if "source" in construction:  # the schema requires one exactly for the methods that use a model
         inputs["source"] = f"{RESULTS}/sources/{construction['source']}/model.pt"
     inputs["ensemble"] = [f"{RESULTS}/sources/{s}/model.pt" for s in construction.get("ensemble", [])]
+    if "twin_of" in construction:
+        inputs["twin"] = f"{RESULTS}/constructed/{construction['twin_of']}.h5"
+    if config["robust_leakage_check"] and METHODS[construction["method"]].targeted_attack:
+        inputs["check"] = f"{RESULTS}/sources/{config['robust_leakage_check']}/model.pt"
     return inputs
 
 

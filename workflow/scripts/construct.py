@@ -9,7 +9,8 @@ def main(smk):
     construct(smk.wildcards.name, smk.params.construction, data_path=smk.input.data,
               source_checkpoint=smk.input.get("source"), output=smk.output[0],
               seed=smk.params.seed, device=device, chunk_size=smk.params.chunk_size,
-              ensemble_checkpoints=list(smk.input.ensemble), fast=smk.params.fast)
+              ensemble_checkpoints=list(smk.input.ensemble), fast=smk.params.fast,
+              twin=smk.input.get("twin"), check_checkpoint=smk.input.get("check"))
 
 
 if __name__ == "__main__":
