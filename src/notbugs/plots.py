@@ -33,7 +33,8 @@ FIGURE2_LABELS = {
 }
 TRAIN_SET_LABELS = {
     "d": "D", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
-    "d_leak_rand": "D_leak(rand)", "d_leak_det": "D_leak(det)",
+    "d_leak_rand": "twin of D_rand\n(leakage only)", "d_leak_det": "twin of D_det\n(leakage only)",
+    "d_leak_other": "twin of D_other\n(leakage only)",
     "d_det_nontransferable": "D_det, non-transferable", "d_relabel": "D_relabel",
 }
 # Reference markers: solid for numbers from the paper, dashed for numbers from a replication.
