@@ -170,17 +170,17 @@ def test_deconv_patterns_survive_a_two_pixel_shift():
         shifted = np.roll(patterns, 2, axis=axis).reshape(10, -1)
         cosine = (flat * shifted).sum(1) / (np.linalg.norm(flat, axis=1) * np.linalg.norm(shifted, axis=1))
         assert cosine.min() >= 0.9, cosine
-    gaussian = construct.leakage_patterns(10, (3, 32, 32), 0.5, seed=0).reshape(10, -1)
+    gaussian = construct.leakage_patterns(10, (3, 32, 32), 0.5, seed=0, kind="gaussian").reshape(10, -1)
     shifted = np.roll(gaussian.reshape(10, 3, 32, 32), 2, axis=3).reshape(10, -1)
     assert ((gaussian * shifted).sum(1) / 0.25).max() < 0.5  # a Gaussian pattern does not
 
 
 def test_leakage_patterns_have_norm_eps_and_differ_per_class_and_seed():
-    a = construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0)
+    a = construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0, kind="gaussian")
     np.testing.assert_allclose(np.linalg.norm(a.reshape(5, -1), axis=1), 0.5, rtol=1e-5)
     assert not np.allclose(a[0], a[1])
-    np.testing.assert_array_equal(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0))
-    assert not np.allclose(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=1))
+    np.testing.assert_array_equal(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=0, kind="gaussian"))
+    assert not np.allclose(a, construct.leakage_patterns(5, (3, 8, 8), 0.5, seed=1, kind="gaussian"))
 
 
 def _relabel_setup(n):

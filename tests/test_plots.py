@@ -87,7 +87,7 @@ def test_table1(tmp_path, monkeypatch, archs):
     plots.table1(table1_table(archs), tmp_path / "table1.png")
     assert_figure(tmp_path / "table1.png")
     joined = "\n".join(texts[0])
-    for expected in ("D_leak(rand)", "d_custom", "paper", "replication", "chance (10%)",
+    for expected in ("twin of D_rand", "d_custom", "paper", "replication", "chance (10%)",
                      "test accuracy on the original test set (%)", *archs):
         assert expected in joined
 

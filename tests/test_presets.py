@@ -164,9 +164,9 @@ def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
         assert set(rules) == GPU_RULES | CPU_RULES | STUDY_GPU_RULES | STUDY_CPU_RULES
         return
     assert set(rules) == GPU_RULES | CPU_RULES
-    n_targets = 8 * config["targets"]["replicates"]
+    n_targets = len(config["targets"]["train_sets"]) * config["targets"]["replicates"]
     assert rules.count("train_target") == rules.count("evaluate_target") == n_targets
-    assert rules.count("evaluate_source") == 2
+    assert rules.count("evaluate_source") == rules.count("train_source") == len(config["sources"])
     assert any(job["output"] == "results/cifar10/sources/robust/model.pt" for job in jobs)
     assert config["device"] == "cuda"
     # profiles/default (one local GPU: resources gpu=1) must not be layered over the cluster

@@ -103,11 +103,13 @@ def test_rerun_semantics(tmp_path):
 
     eps_changed = copy.deepcopy(config)
     eps_changed["constructions"]["d_det"]["eps"] = 0.4
+    eps_changed["constructions"]["d_leak_det"]["eps"] = 0.4  # a twin keeps its PGD set's eps
     jobs = planned_jobs(tmp_path, eps_changed)
-    constructed = [out for rule, out in jobs if rule == "construct"]
-    assert constructed == ["results/tiny/constructed/d_det.h5"]
-    trained = [out for rule, out in jobs if rule == "train_target"]
-    assert trained == ["results/tiny/targets/d_det/small_cnn/r1/model.pt"]  # one job trains r1 and r2
+    constructed = sorted(out for rule, out in jobs if rule == "construct")
+    assert constructed == ["results/tiny/constructed/d_det.h5", "results/tiny/constructed/d_leak_det.h5"]
+    trained = sorted(out for rule, out in jobs if rule == "train_target")
+    # one job per set trains r1 and r2
+    assert trained == [f"results/tiny/targets/{s}/small_cnn/r1/model.pt" for s in ("d_det", "d_leak_det")]
     assert not {rule for rule, _ in jobs} & {"prepare_data", "train_source"}
 
     robust_changed = copy.deepcopy(config)

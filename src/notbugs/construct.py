@@ -132,8 +132,7 @@ class NonTransferablePGD(Method):
         return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)
 
 
-def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int,
-                     kind: str = "gaussian") -> np.ndarray:
+def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int, kind: str) -> np.ndarray:
     """One fixed pattern per class, each of L2 norm ``eps``: i.i.d. Gaussian, or ``deconv``, a
     random 3×3 kernel per class applied as a stride-2 transposed convolution to an all-ones map
     (the replication's patterns: 2-pixel periodic, so a random crop shifts one into one of a few
