@@ -12,7 +12,7 @@ Layout (format version 1), readable with nothing but h5py::
     /<split>/<column>       (N, ...) optional per-example columns, e.g. for constructed sets:
                             orig_index, orig_label, loss, perturbation_norm, target_reached
 
-``kind`` is "data" (splits ``train`` and ``test``), "constructed" (split ``train``) or
+``kind`` is "data" (splits ``train`` and ``test``, and ``val`` if held out), "constructed" (split ``train``) or
 "evaluation" (split ``test``, no images: per-example predictions of one model on the data's
 test split, with columns clean_pred and, per attack radius ε, robust_pred_eps<ε> and
 adv_norm_eps<ε>).
