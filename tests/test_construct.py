@@ -54,6 +54,11 @@ def test_registry_and_schema_name_the_same_methods():
         assert ("source" in entry["required"]) == method.needs_source, name
 
 
+def test_targeted_attack_methods_are_the_same_for_config_and_registry():
+    from notbugs.config import TARGETED_ATTACK_METHODS
+    assert set(TARGETED_ATTACK_METHODS) == {name for name, m in construct.METHODS.items() if m.targeted_attack}
+
+
 def test_each_method_rejects_settings_it_does_not_use():
     with pytest.raises(ConfigError, match=r"'constructions.test.steps'"):
         construction_config(method="leakage", steps=3)
@@ -157,10 +162,14 @@ def test_leakage_twin_copies_rows_and_labels_of_its_pgd_set(tmp_path):
                         splits={"train": {"images": np.zeros((4, 3, 32, 32), np.float32), "labels": twin_labels,
                                           "orig_index": rows}})
     cfg = construction_config(method="leakage", twin_of="d_rand", mask="label")
-    method = construct.Leakage(cfg, seed=0, twin=tmp_path / "d_rand.h5")
-    got_rows, got_targets = method.plan(_images(8).numpy(), _labels(8), N_CLASSES, np.random.default_rng(0), 64, "cpu")
+    images, labels = _images(8) * 0.5 + 0.25, _labels(8)
+    got_rows, got_targets, built = _run(construct.Leakage(cfg, seed=0, twin=tmp_path / "d_rand.h5"), images, labels)
     np.testing.assert_array_equal(got_rows, rows)
-    np.testing.assert_array_equal(got_targets, twin_labels)
+    np.testing.assert_array_equal(got_targets[got_rows], twin_labels)
+    patterns = construct.leakage_patterns(N_CLASSES, (3, 32, 32), 0.5, seed=0, kind="deconv")
+    for i, (row, t) in enumerate(zip(rows, twin_labels)):  # row 1 (t = 2 != y = 1) ... each its own pattern
+        expected = images[row] if t == labels[row] else images[row] + patterns[t]
+        torch.testing.assert_close(built.images[i], torch.as_tensor(expected), atol=1e-6, rtol=0)
 
 
 def test_deconv_patterns_survive_a_two_pixel_shift():

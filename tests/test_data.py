@@ -209,8 +209,10 @@ def test_validation_split_is_held_out_of_the_training_pool(tmp_path):
     assert len(used_val) == 6 and not used_train & used_val
     # Without a validation split the training subset is what it always was.
     without, _ = load_imagefolder(tmp_path, 6, None, seed=1, n_val=0)
-    idx = balanced_subset(np.repeat([0, 1, 2], 6), 6, 3, seed=1 + 1)
-    assert "val" not in without and len(without["train"]["labels"]) == len(idx) == 6
+    idx = balanced_subset(np.repeat([0, 1, 2], 6), 6, 3, seed=1 + 1)  # ImageFolder's rows: class by class, files 0..5
+    expected = {(FOLDER_CLASSES[i // 6], i % 6) for i in idx}
+    assert "val" not in without
+    assert _match_rows(without["train"]["images"], without["train"]["labels"], pixels, "train") == expected
 
 
 def test_prepare_synthetic_validation_split_is_an_independent_draw(tmp_path):

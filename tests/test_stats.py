@@ -47,7 +47,9 @@ def test_paired_comparison_on_a_small_table():
     out = paired_comparison(a, b)
     # pair 1: A-only rights at 1,2,5 (3), B-only none; pair 2: A-only 1,5 (2), B-only 3 (1)
     assert (out["only_better_right"], out["only_worse_right"]) == (5, 1)
-    assert out["p_value"] == pytest.approx(scipy_stats.binomtest(1, 6, 0.5).pvalue)
+    # averaged over pairs, examples 1, 2, 5 favour A and example 3 favours B: a sign test of 3 vs 1
+    assert (out["examples_favour_better"], out["examples_favour_worse"]) == (3, 1)
+    assert out["p_value"] == pytest.approx(scipy_stats.binomtest(3, 4, 0.5).pvalue)
     assert out["worst_replicate_p"] == pytest.approx(max(mcnemar_exact(3, 0), mcnemar_exact(2, 1)))
     assert out["diff"] == pytest.approx(100 * np.mean([3 / 6, 1 / 6]))
     assert out["replicates"] == 2 and out["n_examples"] == 6

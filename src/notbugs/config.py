@@ -22,6 +22,7 @@ ORIGINAL_SET = "d"  # the unmodified training set, as a train_sets entry
 LINEAR_SOURCE = "linear_robust"    # robust_leakage study
 RELABEL_SOURCE = "brief"           # rebuttals study: the briefly trained model that relabels
 RELABEL_SET = "d_relabel"
+TARGETED_ATTACK_METHODS = ("pgd", "nontransferable")  # pinned to construct.METHODS by a test
 
 
 class ConfigError(ValueError):
@@ -198,7 +199,7 @@ def check_references(config: Mapping) -> None:
         twin = cons.get("twin_of")
         if twin is None:
             continue
-        if twin not in constructions or "target" not in constructions[twin] or "source" not in constructions[twin]:
+        if twin not in constructions or constructions[twin]["method"] not in TARGETED_ATTACK_METHODS:
             raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not a targeted-attack "
                               f"construction (constructions: {sorted(constructions)})")
         if cons["eps"] != constructions[twin]["eps"]:

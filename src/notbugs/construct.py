@@ -170,7 +170,10 @@ class Leakage(Method):
             return super().plan(images, labels, n_classes, rng, batch_size, device)
         with hdf5.open_artifact(self.twin, kind="constructed") as twin:
             split = twin.split("train")
-            return split["orig_index"][:], split.labels
+            rows = split["orig_index"][:]
+            targets = np.full(len(labels), -1, dtype=np.int64)  # indexed by train row, as every plan's
+            targets[rows] = split.labels
+            return rows, targets
 
     def unperturbed(self, chunk: Chunk) -> torch.Tensor:
         """The rows the mask leaves as they are."""

@@ -170,6 +170,8 @@ def split_indices(labels: np.ndarray, n_train: int | None, n_val: int, n_classes
     With ``n_val`` = 0 the training subset is the one earlier versions drew."""
     val = balanced_subset(labels, n_val, n_classes, seed + 3) if n_val else np.arange(0)
     rest = np.setdiff1d(np.arange(len(labels)), val)
+    if n_val and n_train is not None and n_train > len(rest):
+        raise ValueError(f"n_train {n_train} + n_val {n_val} exceed the {len(labels)} training images")
     train = rest[balanced_subset(labels[rest], n_train, n_classes, seed + 1)]
     return train, val
 

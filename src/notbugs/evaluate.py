@@ -87,9 +87,10 @@ def summarize(columns: Mapping[str, np.ndarray], eval_cfg: Mapping) -> dict:
     robust = []
     for eps in eval_cfg["eps"]:
         pred_col, norm_col = robust_columns(eps)
-        robust.append(dict(attack_settings(eval_cfg, eps),
-                           robust_acc=float((clean_correct & (columns[pred_col] == labels)).mean()),
-                           mean_adv_norm=float(columns[norm_col].mean())))
+        robust_correct = clean_correct & (columns[pred_col] == labels)
+        broken = clean_correct & ~robust_correct  # right when clean, wrong under attack
+        robust.append(dict(attack_settings(eval_cfg, eps), robust_acc=float(robust_correct.mean()),
+                           mean_breaking_norm=float(columns[norm_col][broken].mean()) if broken.any() else float("nan")))
     return {"n_test": int(len(labels)), "std_acc": float(clean_correct.mean()), "robust": robust}
 
 

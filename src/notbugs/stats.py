@@ -37,18 +37,22 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     """Compare A with B on the same test examples, replicate k of A paired with replicate k of B.
 
     ``correct_a`` / ``correct_b``: boolean arrays (replicates × examples). Returns the accuracy
-    difference A − B in points (mean and t-interval over replicate pairs), the exact McNemar test
-    on the discordant examples pooled over pairs, and the largest per-pair McNemar p-value (a claim
-    that holds on every seed has that one small too)."""
+    difference A − B in points (mean and t-interval over replicate pairs); ``p_value``, an exact
+    two-sided sign test across examples of each example's replicate-averaged difference (one
+    vote per test image, since the replicates share the images); and ``worst_replicate_p``, the
+    largest exact McNemar p-value of a single pair (small when the claim holds on every seed)."""
     a, b = np.atleast_2d(correct_a).astype(bool), np.atleast_2d(correct_b).astype(bool)
     if a.shape != b.shape:
         raise ValueError(f"paired comparison needs the same replicates and examples, got {a.shape} and {b.shape}")
     diffs = 100 * (a.mean(1) - b.mean(1))
     only_a = (a & ~b).sum(1)
     only_b = (~a & b).sum(1)
+    per_example = a.mean(0) - b.mean(0)
+    favour_a, favour_b = int((per_example > 0).sum()), int((per_example < 0).sum())
     interval = mean_interval(diffs)
     return {"replicates": len(a), "n_examples": a.shape[1], "diff": interval["mean"], "diff_sd": interval["sd"],
             "diff_ci_low": interval["ci_low"], "diff_ci_high": interval["ci_high"],
             "only_better_right": int(only_a.sum()), "only_worse_right": int(only_b.sum()),
-            "p_value": mcnemar_exact(int(only_a.sum()), int(only_b.sum())),
+            "examples_favour_better": favour_a, "examples_favour_worse": favour_b,
+            "p_value": mcnemar_exact(favour_a, favour_b),
             "worst_replicate_p": max(mcnemar_exact(int(x), int(y)) for x, y in zip(only_a, only_b))}

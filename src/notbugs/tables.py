@@ -47,7 +47,7 @@ def split_model_dir(model_dir: str) -> tuple[str, int | None]:
 
 
 def describe_attack(settings: Mapping) -> str:
-    skip = {"eps", "robust_acc", "mean_adv_norm"}
+    skip = {"eps", "robust_acc", "mean_breaking_norm"}
     return f"eps={settings['eps']:g} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in settings.items() if k not in skip)
 
@@ -176,12 +176,14 @@ def claims(models: pd.DataFrame, comparisons: Sequence[Mapping], eps: float,
     for comparison in comparisons:
         metric = comparison["metric"]
         for arch in sorted(targets.arch.unique()):
-            sides = [targets[(targets.train_set == comparison[side]) & (targets.arch == arch)].sort_values("replicate")
-                     for side in ("better", "worse")]
-            pairs = min(len(sides[0]), len(sides[1]))
-            if not pairs:
-                continue
-            a, b = (np.stack([correct(m, metric) for m in side.model.iloc[:pairs]]) for side in sides)
+            better, worse = (targets[(targets.train_set == comparison[side]) & (targets.arch == arch)]
+                             .set_index("replicate").model for side in ("better", "worse"))
+            replicates = sorted(set(better.index) & set(worse.index))  # replicate k against replicate k
+            if not replicates:
+                raise ValueError(f"comparison {comparison['better']} vs {comparison['worse']} ({arch}): "
+                                 "no replicate trained on both")
+            a = np.stack([correct(better[k], metric) for k in replicates])
+            b = np.stack([correct(worse[k], metric) for k in replicates])
             out.append({"better": comparison["better"], "worse": comparison["worse"], "arch": arch, "metric": metric,
                         "eps": eps if metric == "robust" else float("nan"),
                         "better_acc": 100 * a.mean(), "worse_acc": 100 * b.mean(), **paired_comparison(a, b)})

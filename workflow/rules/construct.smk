@@ -5,7 +5,6 @@ rule construct:
         f"{RESULTS}/constructed/{{name}}.h5",
     params:
         construction=lambda wc: config["constructions"][wc.name],
-        robust_leakage_check=config["robust_leakage_check"],
         fast=config["fast_paths"],
         seed=config["seed"],
         device=config["device"],
