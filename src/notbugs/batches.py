@@ -25,13 +25,20 @@ def read_rows(dataset, rows: np.ndarray) -> np.ndarray:
 
 def float_batches(images, batch_size: int, device: torch.device | str = "cpu"
                   ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, float batch on ``device``) over ``images`` (an array or h5py dataset)."""
+    """(first row, float batch on ``device``) over ``images`` (an array, h5py dataset or tensor)."""
     for lo in range(0, len(images), batch_size):
-        yield lo, to_float(torch.from_numpy(np.asarray(images[lo:lo + batch_size]))).to(device)
+        batch = images[lo:lo + batch_size]
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.from_numpy(np.asarray(batch))
+        yield lo, to_float(batch).to(device)
+
+
+def classes(model: torch.nn.Module, images, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The model's class for every image, batch by batch, as a tensor on ``device``."""
+    with torch.no_grad():
+        return torch.cat([model(x).argmax(1) for _, x in float_batches(images, batch_size, device)])
 
 
 def predict(model: torch.nn.Module, images, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
     """The model's class for every image, batch by batch."""
-    with torch.no_grad():
-        preds = [model(x).argmax(1).cpu().numpy() for _, x in float_batches(images, batch_size, device)]
-    return np.concatenate(preds).astype(np.int64)
+    return classes(model, images, batch_size, device).cpu().numpy().astype(np.int64)

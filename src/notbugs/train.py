@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from notbugs import attacks
-from notbugs.batches import to_float
+from notbugs.batches import classes, to_float
 from notbugs.models import build_model, save_checkpoint
 from notbugs.runtime import atomic_write
 from notbugs.sampling import epoch_generator
@@ -91,10 +91,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Gene
 
 
 def predictions(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's classes for un-augmented images (eval mode), the model left as it was."""
-    with attacks.frozen(model), torch.no_grad():
-        return torch.cat([model(to_float(images[lo:lo + batch_size])).argmax(1)
-                          for lo in range(0, len(images), batch_size)])
+    """The model's classes for un-augmented images in eval mode, the model left as it was."""
+    with attacks.frozen(model):
+        return classes(model, images, batch_size, images.device)
 
 
 def validate(model, val_images: torch.Tensor, val_labels: torch.Tensor, val_cfg: Mapping, batch_size: int
