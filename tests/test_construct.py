@@ -214,3 +214,58 @@ def test_relabel_refuses_a_source_that_is_always_right():
     images, labels, method = _relabel_setup(10)  # labels = the source's own predictions
     with pytest.raises(ValueError, match="keeps nothing"):
         method.plan(images.numpy(), labels, N_CLASSES, np.random.default_rng(0), 64, "cpu")
+
+
+# --------------------------------------------------------------------------- pixel-blend control of D_R
+
+def _inversion_file(tmp_path, images, labels, model):
+    """Run an inversion on arrays and store it the way construct() does (rows, starts, distances)."""
+    from notbugs import hdf5
+    method = construct.Inversion(construction_config(method="inversion", source="s", steps=20, step_size=0.2),
+                                 seed=0, source=model)
+    rows, targets, built = _run(method, images, labels)
+    hdf5.write_artifact(tmp_path / "d_r.h5", kind="constructed", class_names=[str(c) for c in range(N_CLASSES)],
+                        config={}, seed=0, source="test",
+                        splits={"train": {"images": built.images.numpy(), "labels": targets[rows], "orig_index": rows,
+                                          "loss": built.loss.numpy(),
+                                          "perturbation_norm": built.perturbation_norm.numpy(),
+                                          "start_index": built.extra["start_index"].numpy()}})
+    return built, method.starts
+
+
+def test_blend_moves_each_start_image_as_far_as_its_inversion(tmp_path):
+    images, labels = _images(16), _labels(16)
+    inverted, starts = _inversion_file(tmp_path, images, labels, _model())
+    np.testing.assert_array_equal(inverted.extra["start_index"].numpy(), starts)
+    blend = construct.PixelBlend(construction_config(method="blend", twin_of="d_r"), seed=0, twin=tmp_path / "d_r.h5")
+    rows, targets, built = _run(blend, images, labels)
+    np.testing.assert_array_equal(targets[rows], labels[rows])  # labelled y, like D_R
+    start = images[starts]
+    displacement = (built.images - start).flatten(1).norm(dim=1)
+    lam = built.loss
+    assert (lam < 1).all()  # every inversion here moved less than ‖x − x′‖, so no row is capped
+    torch.testing.assert_close(displacement, inverted.perturbation_norm, rtol=0.01, atol=0)
+    # on the segment from x′ to x: x′ + λ(x − x′)
+    torch.testing.assert_close(built.images, start + lam.view(-1, 1, 1, 1) * (images - start), atol=1e-6, rtol=0)
+
+
+def test_blend_refuses_an_inversion_from_noise(tmp_path):
+    from notbugs import hdf5
+    hdf5.write_artifact(tmp_path / "d_r.h5", kind="constructed", class_names=[str(c) for c in range(N_CLASSES)],
+                        config={}, seed=0, source="test",
+                        splits={"train": {"images": np.zeros((2, 3, 32, 32), np.float32), "labels": np.zeros(2, np.int64),
+                                          "orig_index": np.arange(2), "perturbation_norm": np.ones(2, np.float32),
+                                          "start_index": np.full(2, -1)}})
+    blend = construct.PixelBlend(construction_config(method="blend", twin_of="d_r"), seed=0, twin=tmp_path / "d_r.h5")
+    with pytest.raises(ValueError, match="start: image"):
+        _run(blend, _images(2), _labels(2))
+
+
+def test_inversion_switches_its_source_to_a_straight_through_relu():
+    from notbugs.models import FinalReLU
+    model = _model()
+    on = construct.Inversion(construction_config(method="inversion", source="s"), seed=0).prepare_source(model)
+    assert [m.straight_through for m in on.modules() if isinstance(m, FinalReLU)] == [True]
+    off = construct.Inversion(construction_config(method="inversion", source="s", straight_through_relu=False),
+                              seed=0).prepare_source(_model())
+    assert not any(m.straight_through for m in off.modules() if isinstance(m, FinalReLU))

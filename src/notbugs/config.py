@@ -199,6 +199,12 @@ def check_references(config: Mapping) -> None:
         twin = cons.get("twin_of")
         if twin is None:
             continue
+        if cons["method"] == "blend":
+            if twin not in constructions or constructions[twin]["method"] != "inversion" \
+                    or constructions[twin]["start"] != "image":
+                raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not an inversion that "
+                                  f"starts from images (constructions: {sorted(constructions)})")
+            continue
         if twin not in constructions or constructions[twin]["method"] not in TARGETED_ATTACK_METHODS:
             raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not a targeted-attack "
                               f"construction (constructions: {sorted(constructions)})")

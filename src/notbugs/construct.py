@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Mapping, Sequence
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from notbugs import attacks, hdf5
 from notbugs.batches import predict, read_rows, to_float
-from notbugs.models import accelerate, file_sha256, load_model
+from notbugs.models import accelerate, file_sha256, load_model, straight_through_last_relu
 from notbugs.sampling import choose_targets, chunk_generator, derangement
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Built:
     loss: torch.Tensor               # final attack loss or relative representation distance
     perturbation_norm: torch.Tensor  # L2 norm of the change
     target_reached: torch.Tensor     # the attack's success (bool)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's extra_columns
 
 
 class Method:
@@ -65,6 +66,7 @@ class Method:
     needs_source: ClassVar[bool] = True
     has_success_rate: ClassVar[bool] = True  # False: target_reached carries no meaning
     targeted_attack: ClassVar[bool] = False  # moves images towards t: checked for robust leakage
+    extra_columns: ClassVar[dict[str, hdf5.ColumnSpec]] = {}  # per-row columns beyond the common ones
 
     def __init__(self, cfg: Mapping, *, seed: int, source: torch.nn.Module | None = None,
                  ensemble: Sequence[torch.nn.Module] = (), twin: str | Path | None = None):
@@ -79,12 +81,23 @@ class Method:
     def build(self, chunk: Chunk) -> Built:
         raise NotImplementedError
 
+    def prepare_source(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The source model as this method uses it (before the fast paths trace it)."""
+        return model
+
 
 class Inversion(Method):
     """For each (x, y): start from another randomly drawn training image (or from noise
     0.5 + N(0,1)/20) and minimise ‖g(z) − g(x)‖₂/‖g(x)‖₂ with normalised L2 steps; label y."""
 
     name = "inversion"
+    # the start image's train row (-1: noise), so that the blend control can retrace each path
+    extra_columns = {"start_index": hdf5.ColumnSpec((), "int64")}
+
+    def prepare_source(self, model):
+        if self.cfg["straight_through_relu"] and not straight_through_last_relu(model):
+            log.info("the source has no ReLU before its representation; straight_through_relu changes nothing")
+        return model
 
     def plan(self, images, labels, n_classes, rng, batch_size, device):
         self.starts = derangement(len(labels), rng) if self.cfg["start"] == "image" else None
@@ -92,13 +105,51 @@ class Inversion(Method):
 
     def build(self, chunk: Chunk) -> Built:
         if self.starts is not None:
-            start = chunk.read_images(self.starts[chunk.rows])
+            start_index = self.starts[chunk.rows]
+            start = chunk.read_images(start_index)
         else:
+            start_index = np.full(len(chunk.rows), -1)
             start = (0.5 + torch.randn(chunk.x.shape, generator=chunk.generator) / 20).clamp(0, 1).to(chunk.x.device)
         cfg = self.cfg
         res = attacks.invert(self.source, start, chunk.x, steps=cfg["steps"], step_size=cfg["step_size"],
                              tolerance=cfg["tolerance"], step_decay=cfg["step_decay"])
-        return Built(res.x_inv, res.loss, res.perturbation_norm, res.reached)
+        return Built(res.x_inv, res.loss, res.perturbation_norm, res.reached,
+                     extra={"start_index": torch.from_numpy(start_index.astype(np.int64))})
+
+
+class PixelBlend(Method):
+    """Pixel-blend control for D_R: x′ + λ(x − x′) with its twin inversion's start image x′ and
+    label y, λ per image chosen so that the image moves exactly as far from x′ as the inversion
+    did (capped at λ = 1, x itself). Whatever D_R teaches beyond this set is not just a blend of
+    two images under one label (docs/paper-notes.md §2)."""
+
+    name = "blend"
+    needs_source = False
+    has_success_rate = False
+
+    def plan(self, images, labels, n_classes, rng, batch_size, device):
+        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
+            split = twin.split("train")
+            rows = split["orig_index"][:]
+            if "start_index" not in split or (split["start_index"][:] < 0).any():
+                raise ValueError(f"twin {self.twin} has no start image per row; blend needs an inversion "
+                                 "with start: image")
+            self.starts = np.full(len(labels), -1, dtype=np.int64)  # indexed by train row, as targets
+            self.distances = np.zeros(len(labels), dtype=np.float32)
+            self.starts[rows] = split["start_index"][:]
+            self.distances[rows] = split["perturbation_norm"][:]
+        return rows, labels
+
+    def build(self, chunk: Chunk) -> Built:
+        start = chunk.read_images(self.starts[chunk.rows])
+        span = (chunk.x - start).flatten(1).norm(dim=1)
+        distance = torch.from_numpy(self.distances[chunk.rows]).to(span.device)
+        lam = (distance / span.clamp_min(1e-12)).clamp(0, 1).view(-1, 1, 1, 1)
+        blended = start + lam * (chunk.x - start)
+        n = len(chunk.rows)
+        return Built(blended, lam.flatten(), (blended - start).flatten(1).norm(dim=1),
+                     torch.zeros(n, dtype=torch.bool, device=blended.device),
+                     extra={"start_index": torch.from_numpy(self.starts[chunk.rows])})
 
 
 class TargetedPGD(Method):
@@ -215,7 +266,8 @@ class Relabel(Method):
                      torch.ones(n, dtype=torch.bool, device=chunk.x.device))
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, NonTransferablePGD, Leakage, Relabel)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, NonTransferablePGD, Leakage, Relabel,
+                                                         PixelBlend)}
 
 
 def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.ndarray, labels: np.ndarray,
@@ -246,18 +298,19 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
               ensemble_checkpoints: Sequence[str | Path] = (), twin: str | Path | None = None,
               check_checkpoint: str | Path | None = None) -> Path:
     """Build construction ``name`` (its validated config ``cfg``) into ``output``, resuming a
-    matching ``.partial`` file. ``twin``: the constructed file a leakage control copies its rows
-    and labels from. ``check_checkpoint``: a robust model that classifies every constructed image
+    matching ``.partial`` file. ``twin``: the constructed file a control copies its rows and
+    labels from (a leakage control's PGD set, a blend control's inversion). ``check_checkpoint``: a robust model that classifies every constructed image
     afterwards, to measure how often the attack painted in robust features of t."""
     method_class = METHODS.get(cfg["method"])
     if method_class is None:
         raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
-    source, ensemble, source_sha = None, [], None
+    ensemble, source_sha = [], None
     if source_checkpoint is not None:
         source_sha = file_sha256(source_checkpoint)
-        source = accelerate(load_model(source_checkpoint, device=device)[0], fast)
         ensemble = [accelerate(load_model(path, device=device)[0], fast) for path in ensemble_checkpoints]
-    method = method_class(cfg, seed=seed, source=source, ensemble=ensemble, twin=twin)
+    method = method_class(cfg, seed=seed, ensemble=ensemble, twin=twin)
+    if source_checkpoint is not None:
+        method.source = accelerate(method.prepare_source(load_model(source_checkpoint, device=device)[0]), fast)
 
     with hdf5.open_artifact(data_path, kind="data") as data:
         train = data.split("train")
@@ -278,7 +331,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                                   "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
                                   "twin": file_sha256(twin) if twin else None,
                                   "data": file_sha256(data_path)}, sort_keys=True)
-        writer = hdf5.ChunkedWriter(output, n, _columns(image_shape), fingerprint)
+        writer = hdf5.ChunkedWriter(output, n, {**_columns(image_shape), **method.extra_columns}, fingerprint)
         if writer.rows_done:
             log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
         bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
@@ -297,6 +350,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                     "loss": built.loss.float().cpu().numpy(),
                     "perturbation_norm": built.perturbation_norm.float().cpu().numpy(),
                     "target_reached": built.target_reached.cpu().numpy(),
+                    **{key: value.cpu().numpy() for key, value in built.extra.items()},
                 })
                 bar.update(len(index))
                 log.info("%s: %d/%d rows done", name, lo + len(index), n)

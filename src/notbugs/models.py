@@ -48,8 +48,33 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+class FinalReLU(nn.Module):
+    """The ReLU that produces a model's representation. With ``straight_through`` its backward
+    pass is the identity (the forward value is unchanged): the authors' inversions match the
+    representation this way (their ``fake_relu``), and without it an inversion stalls wherever
+    the target's units are zero (docs/paper-notes.md §2). Every architecture with a ReLU before
+    its representation ends with one; :func:`straight_through_last_relu` switches it on."""
+
+    straight_through = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.straight_through:
+            return x + (torch.relu(x) - x).detach()  # exact: x + (0 - x) = 0 and x + (x - x) = x
+        return torch.relu(x)
+
+
+def straight_through_last_relu(model: nn.Module) -> bool:
+    """Switch the model's representation ReLU to a straight-through backward pass. Call it before
+    :func:`accelerate`, which traces the model. Returns False for a model without one (linear)."""
+    finals = [m for m in model.modules() if isinstance(m, FinalReLU)]
+    if finals:
+        finals[-1].straight_through = True
+    return bool(finals)
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, *, final: bool = False) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+            FinalReLU() if final else nn.ReLU(inplace=True)]
 
 
 def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
@@ -59,7 +84,7 @@ def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
         *_conv_bn_relu(3, w, stride=2),
         *_conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
         *_conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
-        *_conv_bn_relu(4 * w, 4 * w),
+        *_conv_bn_relu(4 * w, 4 * w, final=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )
     return body, 4 * w
@@ -75,19 +100,20 @@ def linear() -> tuple[nn.Module, int]:
 
 def mlp(width: int = 256) -> tuple[nn.Module, int]:
     return nn.Sequential(nn.Flatten(), nn.Linear(PIXELS, width), nn.ReLU(inplace=True),
-                         nn.Linear(width, width), nn.ReLU(inplace=True)), width
+                         nn.Linear(width, width), FinalReLU()), width
 
 
 class _ResidualBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
+        self.out_relu = FinalReLU()
         self.main = nn.Sequential(*_conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(cout))
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
             nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.main(x) + self.shortcut(x))
+        return self.out_relu(self.main(x) + self.shortcut(x))
 
 
 def tiny_resnet(width: int = 16) -> tuple[nn.Module, int]:
@@ -100,10 +126,38 @@ def tiny_resnet(width: int = 16) -> tuple[nn.Module, int]:
 
 # torchvision is imported inside the builders: it adds seconds to every job's start-up.
 
+def _resnet_blocks():
+    """torchvision's residual blocks, with their output ReLU as a :class:`FinalReLU` (same weights)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    class Basic(BasicBlock):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.out_relu = FinalReLU()
+
+        def forward(self, x):
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.out_relu(out + shortcut)
+
+    class Bottle(Bottleneck):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.out_relu = FinalReLU()
+
+        def forward(self, x):
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(out)))))
+            return self.out_relu(out + shortcut)
+
+    return Basic, Bottle
+
+
 def _cifar_resnet(depth: int) -> tuple[nn.Module, int]:
     import torchvision.models as tvm
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    block, layers = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3])}[depth]
+    basic, bottleneck = _resnet_blocks()
+    block, layers = {18: (basic, [2, 2, 2, 2]), 50: (bottleneck, [3, 4, 6, 3])}[depth]
     net = tvm.ResNet(block, layers)
     # CIFAR stem: 3x3 stride 1 and no max-pool, so a 32x32 input ends at 4x4 before pooling.
     net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -116,6 +170,8 @@ def _cifar_resnet(depth: int) -> tuple[nn.Module, int]:
 def _vgg16() -> tuple[nn.Module, int]:
     import torchvision.models as tvm
     vgg = tvm.vgg16_bn()
+    last_relu = max(i for i, m in enumerate(vgg.features) if isinstance(m, nn.ReLU))
+    vgg.features[last_relu] = FinalReLU()
     return nn.Sequential(vgg.features, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 512
 
 
@@ -124,7 +180,7 @@ def _densenet121() -> tuple[nn.Module, int]:
     net = tvm.densenet121()
     net.features.conv0 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     net.features.pool0 = nn.Identity()
-    return nn.Sequential(net.features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 1024
+    return nn.Sequential(net.features, FinalReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 1024
 
 
 ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, int]]] = {

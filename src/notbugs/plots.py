@@ -30,9 +30,10 @@ FIGURE2_LABELS = {
     "adversarial_on_d": "Adv training on D",
     "standard_on_d_r": "Std training on D_R",
     "standard_on_d_nr": "Std training on D_NR",
+    "standard_on_d_r_blend": "Std training on D_R's pixel blend",
 }
 TRAIN_SET_LABELS = {
-    "d": "D", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
+    "d": "D", "d_r": "D_R", "d_r_blend": "D_R's pixel blend", "d_nr": "D_NR", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
     "d_leak_rand": "twin of D_rand\n(leakage only)", "d_leak_det": "twin of D_det\n(leakage only)",
     "d_leak_other": "twin of D_other\n(leakage only)",
     "d_det_nontransferable": "D_det, non-transferable", "d_relabel": "D_relabel",

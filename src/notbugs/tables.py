@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Each PGD set followed by its leakage-only twin.
 TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "d_leak_other")
+# Per-image relative representation distance ‖g(z) − g(x)‖/‖g(x)‖ at the end of an inversion
+# (its ``loss`` column), and the share of the way x' → x of a pixel blend (its ``loss`` column).
+DISTANCE_QUANTILES = {"inversion": ("inversion_distance", (10, 50, 90)), "blend": ("blend_lambda", (10, 50, 90))}
 CONSTRUCTION_ATTRS = ("success_rate", "mean_perturbation_norm", "eps", "unperturbed_rate", "robust_says_target_rate",
                      "robust_says_label_rate")
 _REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
@@ -68,6 +71,7 @@ def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Map
         row["construction_success_rate"] = (100 * cons["success_rate"]
                                             if cons.get("success_rate") is not None else float("nan"))
         row["construction_mean_l2"] = cons.get("mean_perturbation_norm", float("nan"))
+        row.update({k: v for k, v in cons.items() if k.startswith(("inversion_distance_", "blend_lambda_"))})
         row["n_test"] = m["n_test"]
         row["train_fit"] = 100 * m["train_fit"]
         row["train_seconds"] = m["train_seconds"]
@@ -145,6 +149,7 @@ def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float) -> pd.Dat
         out.append({"label": label, "model": group, "replicates": len(members),
                     **summary_columns("std_acc", list(members.std_acc)),
                     **summary_columns("robust_acc", list(members[col])), "eps": eps,
+                    **{k: members[k].iloc[0] for k in members if k.startswith(("inversion_distance_", "blend_lambda_"))},
                     "paper_std_acc": paper_std.value if paper_std else float("nan"),
                     "paper_robust_acc": paper_robust.value if paper_robust else float("nan"),
                     "paper_origin": paper_std.origin if paper_std else ""})
@@ -190,6 +195,15 @@ def claims(models: pd.DataFrame, comparisons: Sequence[Mapping], eps: float,
     return pd.DataFrame(out)
 
 
+def distance_quantiles(art: hdf5.Artifact, method: str) -> dict[str, float]:
+    """How far each inversion got (or how far each blend went), as percentiles over the rows."""
+    if method not in DISTANCE_QUANTILES:
+        return {}
+    prefix, percentiles = DISTANCE_QUANTILES[method]
+    values = art.split("train")["loss"][:]
+    return {f"{prefix}_q{q}": float(v) for q, v in zip(percentiles, np.percentile(values, percentiles))}
+
+
 def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[str, str],
                  constructed_files: Mapping[str, str], data_path: str | Path, *, figure2_rows: Mapping[str, str],
                  figure2_eps: float, comparisons: Sequence[Mapping], outputs: Mapping[str, str]
@@ -202,6 +216,7 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
         with hdf5.open_artifact(path, kind="constructed") as art:
             constructions[name] = {k: art.attrs[k] for k in CONSTRUCTION_ATTRS if k in art.attrs}
             constructions[name]["eps"] = art.config[name].get("eps", float("nan"))
+            constructions[name].update(distance_quantiles(art, art.config[name]["method"]))
     with hdf5.open_artifact(data_path, kind="data") as data:
         n_classes = len(data.class_names)
     models = models_table(metrics, constructions)
