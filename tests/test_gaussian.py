@@ -263,3 +263,40 @@ def test_run_study_seeded_and_configurable():
     assert len(a["fits"]) == 4 and len(a["eigen"]) == 16
     assert not a["misalignment"].equals(c["misalignment"])
     assert np.allclose(a["misalignment"]["clean_acc_standard"], g.normal_cdf(1.5))
+
+
+# --------------------------------------------------------------------------- Theorem 2 (robust ML)
+
+def test_theorem2_solves_its_first_order_condition_and_spends_the_budget():
+    rng = np.random.default_rng(3)
+    mu = np.ones(6)
+    Sigma = g.make_covariance(g.random_rotation(6, rng), 50.0, mu)
+    values = np.linalg.eigvalsh(Sigma)
+    for eps in (0.05, 0.2, 0.5):
+        Sigma_r, lam = g.theorem2_covariance(Sigma, eps)
+        r_values = np.linalg.eigvalsh(Sigma_r)
+        np.testing.assert_allclose(r_values, np.sort(g.theorem2_eigenvalues(values, lam)), rtol=1e-10)
+        m = 1 / (lam * g.theorem2_eigenvalues(values, lam) - 1)
+        # stationarity of the likelihood in each eigen-direction: 1/s = (1/s_r)(1 + m)^2
+        np.testing.assert_allclose(1 / values, (1 + m) ** 2 / g.theorem2_eigenvalues(values, lam), rtol=1e-9)
+        assert (m > 0).all()
+        np.testing.assert_allclose(np.sum(values * m ** 2), eps ** 2, rtol=1e-8)
+        # same eigenvectors as Σ
+        np.testing.assert_allclose(Sigma_r @ Sigma, Sigma @ Sigma_r, atol=1e-9)
+
+
+def test_theorem2_flattens_the_covariance_as_eps_grows():
+    rng = np.random.default_rng(4)
+    mu = np.ones(8)
+    Sigma = g.make_covariance(g.random_rotation(8, rng), 100.0, mu)
+    conds, lams = [], []
+    for eps in (1e-4, 0.1, 0.3, 1.0):
+        Sigma_r, lam = g.theorem2_covariance(Sigma, eps)
+        v = np.linalg.eigvalsh(Sigma_r)
+        conds.append(v[-1] / v[0])
+        lams.append(lam)
+    assert conds[0] == pytest.approx(100.0, rel=0.02)  # tiny eps: Σ_r ≈ Σ
+    assert all(a > b for a, b in zip(conds, conds[1:]))
+    assert all(a > b for a, b in zip(lams, lams[1:]))  # the multiplier falls as eps grows
+    same, lam = g.theorem2_covariance(Sigma, 0.0)
+    np.testing.assert_array_equal(same, Sigma)

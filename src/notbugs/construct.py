@@ -126,6 +126,7 @@ class PixelBlend(Method):
     name = "blend"
     needs_source = False
     has_success_rate = False
+    extra_columns = Inversion.extra_columns
 
     def plan(self, images, labels, n_classes, rng, batch_size, device):
         with hdf5.open_artifact(self.twin, kind="constructed") as twin:

@@ -451,7 +451,8 @@ def rebuttals(table: pd.DataFrame, out_png: PathLike) -> None:
 
 @_styled
 def gaussian(fits: pd.DataFrame, misalignment: pd.DataFrame, eigen: pd.DataFrame, out_png: PathLike) -> None:
-    """The Gaussian model: the robust metric Σ+κI flattens towards the identity (left), the
+    """The Gaussian model: the robust metric flattens towards the identity, for robust logistic
+    regression (Σ+κI, solid) and for the paper's robust maximum likelihood (Σ_r, dashed) (left), the
     standard classifier's vulnerability grows with misalignment (middle), robust weights (∝ input
     gradients) align with μ (right)."""
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
@@ -463,6 +464,9 @@ def gaussian(fits: pd.DataFrame, misalignment: pd.DataFrame, eigen: pd.DataFrame
         rows = eigen[(eigen["condition_number"] == cond) & (eigen["eps"] == e)].sort_values("index")
         label = "Σ (standard)" if e == 0 else f"Σ+κI, ε={e:g} (κ={rows['kappa'].iloc[0]:.2g})"
         a.plot(rows["index"], rows["metric_eig"], marker="o", ms=3, color=colors[e], label=label)
+        if e > 0 and "theorem2_eig" in rows:
+            a.plot(rows["index"], rows["theorem2_eig"], ls="--", lw=1, color=colors[e],
+                   label=f"Σ_r of Theorem 2, ε={e:g}")
     a.set_yscale("log")
     a.set_xlabel("eigenvalue index")
     a.set_ylabel("eigenvalue of the learned metric (trace-normalised)")
