@@ -24,7 +24,7 @@ def tiny_config() -> dict:
         if source["train"].get("adversarial"):
             source["train"]["adversarial"]["steps"] = 1
     for cons in config["constructions"].values():
-        if cons["method"] != "leakage":  # every method with an attack or inversion loop
+        if cons["method"] not in ("leakage", "blend"):  # every method with an attack or inversion loop
             cons["steps"] = 2
     config["targets"]["train"]["epochs"] = 1
     config["targets"]["replicates"] = 2

@@ -401,7 +401,13 @@ def robust_leakage(accuracy: pd.DataFrame, features: pd.DataFrame, out_png: Path
     handles.append(Line2D([], [], color="k", lw=2.2))
     labels.append("Goh (CIFAR-10)")
     left.legend(handles, labels, frameon=False, loc="upper right", fontsize=7)
-    left.set_title("Robust-feature leakage (Goh)")
+    if "premises_hold" in accuracy and not bool(accuracy["premises_hold"].iloc[0]):
+        left.set_title(f"Robust-feature leakage (Goh): NOT VALID here\nspec 1 holds for "
+                       f"{int(accuracy['spec1_features_holding'].iloc[0])}/{len(features)} features, spec 2: "
+                       f"{accuracy['spec2_static_fraction'].iloc[0]:.0f}% of test predictions static (needs 80%)",
+                       color=OKABE_ITO[1], fontsize=8)
+    else:
+        left.set_title("Robust-feature leakage (Goh)")
 
     gamma = _column(features, "certified_gamma")
     colors = [OKABE_ITO[2] if g > 0 else OKABE_ITO[5] for g in gamma]

@@ -136,10 +136,12 @@ def table1(models: pd.DataFrame, n_classes: int, constructions: Mapping[str, Map
 
 def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float) -> pd.DataFrame:
     """Figure 2's bars: ``rows`` maps a label (e.g. standard_on_d_r) to a model group (a source,
-    or ``targets/<set>/<arch>`` for all its replicates); robust accuracy at radius ``eps``."""
+    or ``targets/<set>/<arch>`` for all its replicates); robust accuracy at radius ``eps``. The
+    paper's four bars come first, in its order, then any others (such as D_R's blend control)."""
     col = robust_column(eps)
     out = []
-    for label, group in rows.items():
+    order = [label for label in references.FIGURE2 if label in rows] + [l for l in rows if l not in references.FIGURE2]
+    for label, group in ((label, rows[label]) for label in order):
         members = models[models.group == group].sort_values("replicate")
         if members.empty:
             continue

@@ -91,6 +91,9 @@ if STUDIES["rebuttals"]["enabled"]:
             constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=REBUTTAL_SETS),
             learned_metrics=[f"{RESULTS}/{target_dir(s, TARGET_ARCHS[0])}/metrics.json" for s in REBUTTAL_SETS],
             judge=f"{RESULTS}/sources/{fresh_sources(STUDIES['rebuttals']['fresh_models'] + 1)[-1]}/model.pt",
+            source=f"{RESULTS}/sources/{config['constructions'][REBUTTAL_SET]['source']}/model.pt",
+            ensemble=[f"{RESULTS}/sources/{s}/model.pt"
+                      for s in config["constructions"][nontransferable_set(REBUTTAL_SET)]["ensemble"]],
             relabelled=f"{RESULTS}/constructed/{RELABEL_SET}.h5",
             relabel_metrics=f"{RESULTS}/{target_dir(RELABEL_SET, TARGET_ARCHS[0])}/metrics.json",
             relabeller_metrics=f"{RESULTS}/sources/{RELABEL_SOURCE}/metrics.json",
@@ -101,6 +104,9 @@ if STUDIES["rebuttals"]["enabled"]:
             study_name="rebuttals",
             batch_size=config["evaluation"]["batch_size"],
             names=REBUTTAL_SETS,
+            constructions=[config["constructions"][s] for s in REBUTTAL_SETS],
+            fast=config["fast_paths"],
+            seed=config["seed"],
             device=config["device"],
         log:
             f"{LOGS}/studies/rebuttals.log",

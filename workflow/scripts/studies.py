@@ -35,10 +35,12 @@ def gaussian(smk, device):
 def rebuttals(smk, device):
     names = smk.params.names
     table = studies.rebuttals_study(
-        judge_path=smk.input.judge, constructed=dict(zip(names, smk.input.constructed)),
+        judge_path=smk.input.judge, source_path=smk.input.source, ensemble_paths=list(smk.input.ensemble),
+        constructed=dict(zip(names, smk.input.constructed)), constructions=dict(zip(names, smk.params.constructions)),
         learned_metrics=dict(zip(names, smk.input.learned_metrics)), relabelled_path=smk.input.relabelled,
         relabel_metrics=smk.input.relabel_metrics, relabeller_metrics=smk.input.relabeller_metrics,
-        data_path=smk.input.data, batch_size=smk.params.batch_size, device=device)
+        data_path=smk.input.data, fast=smk.params.fast, seed=smk.params.seed, batch_size=smk.params.batch_size,
+        device=device)
     studies.write_table(table, smk.output[0])
 
 
