@@ -23,3 +23,30 @@ def test_inspect_rejects_a_foreign_file_with_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(foreign)]) == 2
     err = capsys.readouterr().err
     assert str(foreign) in err and "not a notbugs artifact" in err
+
+
+def test_inspect_describes_a_checkpoint_and_names_a_broken_one(tmp_path, capsys):
+    from notbugs.models import build_model, save_checkpoint
+    model = build_model("small_cnn", 10, [0.5] * 3, [0.25] * 3)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, arch="small_cnn", num_classes=10, mean=[0.5] * 3, std=[0.25] * 3,
+                    config={"epochs": 3}, seed=7)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    expected = sum(p.numel() for p in model.parameters())
+    assert "arch: small_cnn" in out and "classes: 10" in out and f"parameters: {expected:,}" in out
+    assert "seed: 7" in out and "config: {'epochs': 3}" in out
+    assert main(["inspect", str(path), "--grid", str(tmp_path / "g.png")]) == 2
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:100])
+    assert main(["inspect", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import pytest
+
+    from notbugs import __version__
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"notbugs {__version__}"

@@ -228,3 +228,58 @@ def test_comparisons_across_eps_are_refused(config):
     config["comparisons"].append({"better": "d_det", "worse": "d_leak_rand", "metric": "clean"})
     message = _error(config)
     assert "comparisons." in message and "different eps" in message
+
+
+def test_a_blend_must_copy_an_inversion_from_images(config):
+    config["constructions"]["d_r_blend"]["twin_of"] = "d_rand"
+    assert "constructions.d_r_blend.twin_of" in _error(config)
+    config["constructions"]["d_r_blend"]["twin_of"] = "d_r"
+    config["constructions"]["d_r"]["start"] = "noise"
+    assert "constructions.d_r_blend.twin_of" in _error(config)
+
+
+# --------------------------------------------------------------------------- checks before any job runs
+
+def test_an_architecture_typo_is_named_at_parse_time(config):
+    config["sources"]["standard"]["arch"] = "small_cnnn"
+    assert "sources.standard.arch" in _error(config)
+    config["sources"]["standard"]["arch"] = "small_cnn"
+    config["targets"]["archs"] = ["resnet-18"]
+    assert "targets.archs.0" in _error(config)
+
+
+def test_the_schema_names_exactly_the_model_registry():
+    from notbugs.config import schema
+    from notbugs.models import ARCHITECTURES
+    assert set(schema()["$defs"]["arch"]["enum"]) == set(ARCHITECTURES)
+
+
+def _imagefolder(tmp_path, classes=("a", "b", "c")):
+    for split in ("train", "test"):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+    return tmp_path
+
+
+def test_an_imagefolder_root_must_hold_both_splits(config, tmp_path):
+    config["dataset"] = {"name": "x", "source": "imagefolder", "root": str(tmp_path / "missing"), "n_train": 30}
+    message = _error(config)
+    assert "dataset.root" in message and "train" in message
+    root = _imagefolder(tmp_path / "ok")
+    config["dataset"]["root"] = str(root)
+    (root / "test" / "a").rmdir(), (root / "test" / "b").rmdir(), (root / "test" / "c").rmdir(), (root / "test").rmdir()
+    assert "test" in _error(config)
+
+
+@pytest.mark.parametrize("key", ["n_train", "n_test", "n_val"])
+def test_subset_sizes_must_be_multiples_of_the_classes(config, tmp_path, key):
+    root = _imagefolder(tmp_path)
+    config["dataset"] = {"name": "x", "source": "imagefolder", "root": str(root), "n_train": 30, "n_test": 30,
+                         "n_val": 30, key: 31}
+    message = _error(config)
+    assert f"dataset.{key}" in message and "3 classes" in message
+    config["dataset"][key] = 33
+    config["figures"] = {}
+    validate_config(config, SCHEMA)  # a multiple of 3 passes
+    config["dataset"] = {"name": "c", "source": "cifar10", "n_train": 1005}
+    assert "dataset.n_train" in _error(config) and "10 classes" in _error(config)

@@ -1,4 +1,5 @@
-"""The ``notbugs`` command: ``notbugs inspect FILE.h5 [--grid out.png]`` and ``notbugs bench``."""
+"""The ``notbugs`` command: ``notbugs inspect FILE.h5|model.pt [--grid out.png]``, ``notbugs bench``
+and ``notbugs --version``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import numpy as np
 
-from notbugs import hdf5
+from notbugs import __version__, hdf5
 
 
 def describe(path: str) -> str:
@@ -37,7 +38,28 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
+def describe_checkpoint(path: str) -> str:
+    """Architecture, classes, parameter count and provenance of a model checkpoint."""
+    from notbugs.models import read_checkpoint
+    payload = read_checkpoint(path)
+    n_params = sum(v.numel() for k, v in payload["state_dict"].items() if not k.endswith(("running_mean",
+                   "running_var", "num_batches_tracked", "normalize.mean", "normalize.std")))
+    lines = [path, f"  checkpoint: {payload['format']}   arch: {payload['arch']}   classes: {payload['num_classes']}   "
+                   f"parameters: {n_params:,}",
+             f"  normalisation inside the model: mean {payload['mean']}  std {payload['std']}"]
+    for key, value in sorted(payload.items()):
+        if key not in {"format", "arch", "num_classes", "mean", "std", "state_dict"}:
+            lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
 def inspect_command(args: argparse.Namespace) -> int:
+    if args.file.endswith(".pt"):
+        if args.grid:
+            print("error: a checkpoint holds no images; --grid needs an HDF5 artifact", file=sys.stderr)
+            return 2
+        print(describe_checkpoint(args.file))
+        return 0
     print(describe(args.file))
     if args.grid:
         from notbugs import plots
@@ -70,8 +92,9 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="notbugs", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"notbugs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="describe an HDF5 artifact and optionally save an image grid")
+    p = sub.add_parser("inspect", help="describe an HDF5 artifact (optionally save an image grid) or a model.pt")
     p.add_argument("file")
     p.add_argument("--grid", metavar="PNG", help="save a labelled image grid here")
     p.add_argument("--split", help="split to show in the grid (default: the first)")
@@ -90,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except hdf5.ArtifactError as exc:
+    except (hdf5.ArtifactError, ValueError) as exc:  # ValueError: CheckpointError and friends
         print(f"notbugs: error: {exc}", file=sys.stderr)
         return 2
 

@@ -86,6 +86,7 @@ def validate_config(config: dict, schema_path: str | Path | None = None) -> dict
     if expand_studies(config):
         _fill_and_check(config, schema_doc)  # fills the defaults of what the studies added
     check_references(config)
+    check_dataset(config["dataset"])
     return config
 
 
@@ -178,6 +179,32 @@ def expand_studies(config: dict) -> bool:
         want_train_set(nontransferable_set(name))
         want_train_set(RELABEL_SET)
     return json.dumps([sources, constructions, train_sets], sort_keys=True) != before
+
+
+def natural_classes(dataset: Mapping) -> int | None:
+    """The class count of a natural dataset, where it is known before loading: CIFAR-10's ten, an
+    ImageFolder's class folders (None if its root is unreadable, and for synthetic data, whose
+    draws need no balancing)."""
+    if dataset["source"] == "synthetic":
+        return None
+    if dataset["source"] == "cifar10":
+        return 10
+    train = Path(dataset["root"]) / "train"
+    return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
+
+
+def check_dataset(dataset: Mapping) -> None:
+    """What would otherwise fail only when prepare_data runs (on a cluster, after queueing)."""
+    if dataset["source"] == "imagefolder":
+        for split in ("train", "test"):
+            if not (Path(dataset["root"]) / split).is_dir():
+                raise ConfigError(f"config key 'dataset.root': {Path(dataset['root']).resolve() / split} is not a "
+                                  "directory; an imagefolder root holds train/<class>/* and test/<class>/*")
+    n_classes = natural_classes(dataset)
+    for key in ("n_train", "n_test", "n_val"):
+        if n_classes and dataset[key] and dataset[key] % n_classes:
+            raise ConfigError(f"config key 'dataset.{key}': {dataset[key]} is not a multiple of the {n_classes} "
+                              "classes; subsets are class-balanced")
 
 
 def check_references(config: Mapping) -> None:
