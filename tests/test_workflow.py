@@ -59,6 +59,18 @@ def test_replicates_get_a_job_each_unless_grouped(tmp_path):
     assert [out for rule, out in jobs if rule == "train_target" and "/d_det/" in out] == [trained[0]]
 
 
+def test_figure2_autoattack_attacks_every_figure2_model_and_feeds_the_tables(tmp_path):
+    config = tiny_config()
+    config["evaluation"]["figure2_autoattack"] = {"n_test": 20}
+    config["figures"] = {"figure2": {"standard_on_d_r_blend": "targets/d_r_blend/small_cnn"}}
+    jobs = planned_jobs(tmp_path, config)
+    attacked = sorted(out for rule, out in jobs if rule == "evaluate_autoattack")
+    expected = ["results/tiny/sources/robust/autoattack.json"] + [
+        f"results/tiny/targets/{s}/small_cnn/r{k}/autoattack.json" for s in ("d", "d_nr", "d_r", "d_r_blend")
+        for k in (1, 2)]
+    assert attacked == sorted(expected)
+
+
 def test_dry_run_plans_every_stage(tmp_path):
     rules = {rule for rule, _ in planned_jobs(tmp_path, tiny_config())}
     assert rules == {"prepare_data", "train_source", "construct", "train_target", "evaluate_source", "evaluate_target",

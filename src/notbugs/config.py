@@ -256,9 +256,11 @@ def check_references(config: Mapping) -> None:
     if evaluation["restarts"] > 1 and not evaluation["random_start"]:
         raise ConfigError(f"config key 'evaluation.restarts': {evaluation['restarts']} restarts without "
                           "evaluation.random_start would repeat the same attack; set random_start: true or restarts: 1")
-    if evaluation["attack"] == "autoattack" and importlib.util.find_spec("torchattacks") is None:
-        raise ConfigError("config key 'evaluation.attack': autoattack needs the torchattacks package; "
-                          "install it with: pip install -e '.[autoattack]'")
+    for key, uses in (("attack", evaluation["attack"] == "autoattack"),
+                      ("figure2_autoattack", evaluation["figure2_autoattack"] is not None)):
+        if uses and importlib.util.find_spec("torchattacks") is None:
+            raise ConfigError(f"config key 'evaluation.{key}': AutoAttack needs the torchattacks package; "
+                              "install it with: pip install -e '.[autoattack]'")
     if config["validation"]["robust_examples"] and not config["dataset"]["n_val"]:
         raise ConfigError("config key 'validation.robust_examples': there is no validation split to attack; "
                           "set dataset.n_val")

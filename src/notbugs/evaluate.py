@@ -99,12 +99,20 @@ def write_json(path: str | Path, payload: Mapping) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
 
 
+def autoattack_config(eval_cfg: Mapping, eps: float) -> dict:
+    """The evaluation config of the Figure 2 AutoAttack check (``evaluation.figure2_autoattack``)."""
+    check = eval_cfg["figure2_autoattack"]
+    return {**eval_cfg, "attack": "autoattack", "autoattack_version": check["version"], "eps": [eps],
+            "n_test": check["n_test"]}
+
+
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
                         output: str | Path, *, device: torch.device, seed: int, fast: Mapping,
                         predictions: str | Path | None = None) -> dict:
-    """Evaluate one checkpoint on the data artifact's test split: per-example predictions are
-    streamed batch by batch into ``predictions`` (an "evaluation" HDF5 artifact; a killed run
-    resumes after the last finished batch), then the summary is written to ``metrics.json``."""
+    """Evaluate one checkpoint on the data artifact's test split (its first ``eval_cfg["n_test"]``
+    rows if that is set): per-example predictions are streamed batch by batch into
+    ``predictions`` (an "evaluation" HDF5 artifact; a killed run resumes after the last finished
+    batch), then the summary is written to ``metrics.json``."""
     model, meta = load_model(model_path, device=device)
     model = accelerate(model, fast)
     predictions = Path(predictions or Path(output).with_name("predictions.h5"))
@@ -117,17 +125,18 @@ def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg:
         for eps in eval_cfg["eps"]:
             pred_col, norm_col = robust_columns(eps)
             columns[pred_col], columns[norm_col] = hdf5.ColumnSpec((), "int64"), hdf5.ColumnSpec((), "float32")
-        writer = hdf5.ChunkedWriter(predictions, len(test), columns, fingerprint, split="test")
+        n_test = min(len(test), eval_cfg.get("n_test") or len(test))
+        writer = hdf5.ChunkedWriter(predictions, n_test, columns, fingerprint, split="test")
         try:
             if writer.rows_done:
-                log.info("%s: resuming after %d/%d evaluated rows", model_path, writer.rows_done, len(test))
-            bar = tqdm(total=len(test), initial=writer.rows_done, desc="evaluate", unit="img", mininterval=10)
-            for lo, chunk in test.iter_chunks(bs, start=writer.rows_done):
+                log.info("%s: resuming after %d/%d evaluated rows", model_path, writer.rows_done, n_test)
+            bar = tqdm(total=n_test, initial=writer.rows_done, desc="evaluate", unit="img", mininterval=10)
+            for lo, chunk in test.iter_chunks(bs, start=writer.rows_done, stop=n_test):
                 x = to_float(torch.from_numpy(chunk["images"])).to(device)
                 y = torch.from_numpy(chunk["labels"]).to(device)
                 writer.append(evaluate_batch(model, x, y, eval_cfg, chunk_generator(seed, lo), len(data.class_names)))
                 bar.update(len(y))
-                log.info("evaluate: %d/%d rows done", lo + len(y), len(test))
+                log.info("evaluate: %d/%d rows done", lo + len(y), n_test)
             bar.close()
             result = summarize({name: writer.read_column(name) for name in columns}, eval_cfg)
             writer.finish(kind="evaluation", class_names=data.class_names, config={"evaluation": dict(eval_cfg)},

@@ -409,12 +409,14 @@ def robust_leakage(accuracy: pd.DataFrame, features: pd.DataFrame, out_png: Path
     else:
         left.set_title("Robust-feature leakage (Goh)")
 
-    gamma = _column(features, "certified_gamma")
-    colors = [OKABE_ITO[2] if g > 0 else OKABE_ITO[5] for g in gamma]
+    # Goh's specification 1: γ ≥ 0 for at least one class, so each feature's best class is shown
+    column = "spec1_best_gamma" if "spec1_best_gamma" in features else "certified_gamma"
+    gamma = _column(features, column)
+    colors = [OKABE_ITO[2] if g >= 0 else OKABE_ITO[5] for g in gamma]
     right.bar(features["feature"], gamma, color=colors, zorder=2)
     right.axhline(0, color="k", lw=0.8)
     right.set_xlabel("feature i (logit of the robust linear model)")
-    right.set_ylabel("certified γ_i (standardised margin)")
+    right.set_ylabel("certified γ_i, best class (spec 1: ≥ 0)")
     right.set_title(f"Certified robust usefulness at ε = {_column(features, 'eps')[0]:g}")
     right.yaxis.grid(True, color="0.9", zorder=0)
     _save(fig, out_png)

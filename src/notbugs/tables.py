@@ -152,10 +152,20 @@ def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float) -> pd.Dat
                     **summary_columns("std_acc", list(members.std_acc)),
                     **summary_columns("robust_acc", list(members[col])), "eps": eps,
                     **{k: members[k].iloc[0] for k in members if k.startswith(("inversion_distance_", "blend_lambda_"))},
+                    **autoattack_columns(members),
                     "paper_std_acc": paper_std.value if paper_std else float("nan"),
                     "paper_robust_acc": paper_robust.value if paper_robust else float("nan"),
                     "paper_origin": paper_std.origin if paper_std else ""})
     return pd.DataFrame(out)
+
+
+def autoattack_columns(members: pd.DataFrame) -> dict:
+    """AutoAttack's robust accuracy beside PGD's on the same test images, where it was run."""
+    if "robust_acc_autoattack" not in members or members.robust_acc_autoattack.isna().any():
+        return {}
+    return {"autoattack_n_test": int(members.autoattack_n_test.iloc[0]),
+            **summary_columns("robust_acc_autoattack", list(members.robust_acc_autoattack)),
+            **summary_columns("robust_acc_pgd_same_images", list(members.robust_acc_pgd_same_images))}
 
 
 def correct_per_example(predictions_path: str | Path, metric: str, eps: float) -> np.ndarray:
@@ -208,10 +218,11 @@ def distance_quantiles(art: hdf5.Artifact, method: str) -> dict[str, float]:
 
 def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[str, str],
                  constructed_files: Mapping[str, str], data_path: str | Path, *, figure2_rows: Mapping[str, str],
-                 figure2_eps: float, comparisons: Sequence[Mapping], outputs: Mapping[str, str]
-                 ) -> dict[str, pd.DataFrame]:
+                 figure2_eps: float, comparisons: Sequence[Mapping], outputs: Mapping[str, str],
+                 autoattack_files: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
     """Aggregate every metrics.json, predictions.h5 and construction summary into the CSV tables
-    ``outputs`` names (keys models, table1, figure2, claims)."""
+    ``outputs`` names (keys models, table1, figure2, claims). ``autoattack_files``: the
+    AutoAttack predictions of the Figure 2 models (``evaluation.figure2_autoattack``), if any."""
     metrics = {name: json.loads(Path(path).read_text()) for name, path in metrics_files.items()}
     constructions = {}
     for name, path in constructed_files.items():
@@ -222,6 +233,13 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
     with hdf5.open_artifact(data_path, kind="data") as data:
         n_classes = len(data.class_names)
     models = models_table(metrics, constructions)
+    for model_dir, path in (autoattack_files or {}).items():
+        autoattack = correct_per_example(path, "robust", figure2_eps)
+        pgd = correct_per_example(predictions_files[model_dir], "robust", figure2_eps)[:len(autoattack)]
+        row = models.model == model_dir
+        models.loc[row, "autoattack_n_test"] = len(autoattack)
+        models.loc[row, "robust_acc_autoattack"] = 100 * autoattack.mean()
+        models.loc[row, "robust_acc_pgd_same_images"] = 100 * pgd.mean()
 
     def correct(model_dir: str, metric: str) -> np.ndarray:
         return correct_per_example(predictions_files[model_dir], metric, figure2_eps)

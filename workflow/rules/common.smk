@@ -1,3 +1,4 @@
+import re
 import shutil
 from pathlib import Path
 
@@ -6,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
                             fresh_sources, nontransferable_set, validate_config)
 from notbugs.construct import METHODS
+from notbugs.evaluate import autoattack_config
 from notbugs.sampling import target_seed
 
 try:
@@ -61,6 +63,18 @@ def model_dirs():
     sources = [f"sources/{s}" for s in SOURCES]
     targets = [target_dir(t, a, r) for t in TRAIN_SETS for a in TARGET_ARCHS for r in REPLICATES]
     return sources + targets
+
+
+def figure2_model_dirs():
+    """Every model behind a Figure 2 bar: a source, or each replicate of a target group."""
+    dirs = []
+    for group in config["figures"]["figure2"].values():
+        dirs += [group] if group.startswith("sources/") else [f"{group}/r{k}" for k in REPLICATES]
+    return dirs
+
+
+AUTOATTACK = config["evaluation"]["figure2_autoattack"]
+AUTOATTACK_DIRS = figure2_model_dirs() if AUTOATTACK else []
 
 
 def training_set_file(wildcards):

@@ -46,3 +46,32 @@ rule evaluate_target:
         runtime=6 * 60,
     script:
         "../scripts/evaluate.py"
+
+
+if AUTOATTACK:
+
+    rule evaluate_autoattack:
+        input:
+            models=[f"{RESULTS}/{{model_dir}}/model.pt"],
+            data=f"{RESULTS}/data.h5",
+        output:
+            metrics=[f"{RESULTS}/{{model_dir}}/autoattack.json"],
+            predictions=[f"{RESULTS}/{{model_dir}}/autoattack_predictions.h5"],
+        wildcard_constraints:
+            model_dir="|".join(re.escape(d) for d in AUTOATTACK_DIRS),
+        params:
+            evaluation=autoattack_config(config["evaluation"], config["figures"]["figure2_eps"]),
+            fast=config["fast_paths"],
+            seed=config["seed"],
+            device=config["device"],
+        log:
+            f"{LOGS}/evaluate_autoattack/{{model_dir}}.log",
+        conda:
+            "../../envs/notbugs.yaml"
+        threads: config["threads"]
+        resources:
+            gpu=GPU,
+            mem_mb=8000,
+            runtime=12 * 60,
+        script:
+            "../scripts/evaluate.py"

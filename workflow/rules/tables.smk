@@ -3,6 +3,7 @@ rule tables:
         metrics=expand(f"{RESULTS}/{{model_dir}}/metrics.json", model_dir=model_dirs()),
         predictions=expand(f"{RESULTS}/{{model_dir}}/predictions.h5", model_dir=model_dirs()),
         constructed=expand(f"{RESULTS}/constructed/{{name}}.h5", name=CONSTRUCTIONS),
+        autoattack=expand(f"{RESULTS}/{{model_dir}}/autoattack_predictions.h5", model_dir=AUTOATTACK_DIRS),
         data=f"{RESULTS}/data.h5",
     output:
         models=report(f"{RESULTS}/tables/models.csv", caption="../report/models_table.rst", category="Tables"),
@@ -14,6 +15,7 @@ rule tables:
         figure2_eps=config["figures"]["figure2_eps"],
         comparisons=config["comparisons"],
         model_dirs=model_dirs(),
+        autoattack_dirs=AUTOATTACK_DIRS,
         constructions=CONSTRUCTIONS,
     log:
         f"{LOGS}/tables.log",

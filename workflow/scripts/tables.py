@@ -11,6 +11,7 @@ def main(smk):
                  dict(zip(smk.params.constructions, smk.input.constructed)), smk.input.data,
                  figure2_rows=smk.params.figure2_rows, figure2_eps=smk.params.figure2_eps,
                  comparisons=smk.params.comparisons,
+                 autoattack_files=dict(zip(smk.params.autoattack_dirs, smk.input.autoattack)),
                  outputs={key: smk.output[key] for key in ("models", "table1", "figure2", "claims")})
 
 
