@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
@@ -22,3 +25,10 @@ rule all:
     input:
         final_outputs(),
     default_target: True
+
+
+onsuccess:
+    summary = Path(f"{RESULTS}/summary.md")
+    if summary.exists():
+        print(summary.read_text())
+        print(f"(written to {summary}; the figures are in {RESULTS}/figures/, the report: snakemake --report report.html)")

@@ -5,7 +5,9 @@ the reference numbers of :mod:`notbugs.references`, as the CSVs under ``results/
 - ``table1`` and ``figure2``: one row per model *group* (the replicates of one training set and
   architecture): the mean, sd, 95% t-interval and every replicate's value;
 - ``claims``: the configured comparisons (``comparisons`` in the config), each a paired test on
-  per-example predictions of the same test images (:func:`notbugs.stats.paired_comparison`).
+  per-example predictions of the same test images (:func:`notbugs.stats.paired_comparison`);
+- ``summary.md``: Figure 2, Table 1 and the claims in a few lines (:func:`summary_markdown`),
+  printed at the end of a run and shown in the report.
 
 Accuracies are percentages.
 """
@@ -251,4 +253,45 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
         with atomic_write(outputs[key]) as tmp:
             df.to_csv(tmp, index=False, float_format="%.4g")
         log.info("%s:\n%s", outputs[key], df.to_string(index=False))
+    if "summary" in outputs:
+        with hdf5.open_artifact(data_path, kind="data") as data:
+            dataset, description = data.config["name"], data.attrs["source"]
+        text = summary_markdown(tables["figure2"], tables["table1"], tables["claims"], dataset=dataset,
+                                description=description, eps=figure2_eps)
+        with atomic_write(outputs["summary"]) as tmp:
+            tmp.write_text(text)
     return tables
+
+
+def _with_interval(row: pd.Series, prefix: str) -> str:
+    if pd.isna(row.get(prefix)):
+        return "–"
+    low, high = row.get(f"{prefix}_ci_low"), row.get(f"{prefix}_ci_high")
+    return f"{row[prefix]:.1f}" + ("" if pd.isna(low) else f" [{low:.1f}, {high:.1f}]")
+
+
+def summary_markdown(figure2_table: pd.DataFrame, table1_table: pd.DataFrame, claims_table: pd.DataFrame, *,
+                     dataset: str, description: str, eps: float) -> str:
+    """The run's headline numbers as Markdown: means with 95% intervals over replicates."""
+    lines = [f"# notbugs results: {dataset}", "", f"Data: {description}. Accuracies in %, mean [95% interval "
+             "over replicates]; each claim is tested against its control on the same test images.", "",
+             f"## Figure 2 (robust accuracy at eps = {eps:g})", "", "| model | replicates | test acc | robust acc |",
+             "|---|---|---|---|"]
+    for _, row in figure2_table.iterrows():
+        lines.append(f"| {row['label']} ({row['model']}) | {row['replicates']} | {_with_interval(row, 'std_acc')} | "
+                     f"{_with_interval(row, 'robust_acc')} |")
+    lines += ["", "## Table 1 (test accuracy of targets trained on each set)", "",
+              "| training set | arch | eps | replicates | test acc | fit of own training set | paper |", "|---|---|---|---|---|---|---|"]
+    for _, row in table1_table.iterrows():
+        paper = "–" if pd.isna(row["paper_test_acc"]) else f"{row['paper_test_acc']:g} ({row['paper_origin']})"
+        eps_text = "–" if pd.isna(row["eps"]) else f"{row['eps']:g}"
+        lines.append(f"| {row['train_set']} | {row['arch']} | {eps_text} | {row['replicates']} | "
+                     f"{_with_interval(row, 'test_acc')} | {row['train_fit']:.1f} | {paper} |")
+    lines += ["", "## Claims against their controls", "",
+              "| claim | metric | difference [95% interval] | p (sign test) | p (worst replicate pair) |",
+              "|---|---|---|---|---|"]
+    for _, row in claims_table.iterrows():
+        lines.append(f"| {row['better']} > {row['worse']} ({row['arch']}) | {row['metric']} | "
+                     f"{row['diff']:+.1f} [{row['diff_ci_low']:.1f}, {row['diff_ci_high']:.1f}] | "
+                     f"{row['p_value']:.2g} | {row['worst_replicate_p']:.2g} |")
+    return "\n".join(lines) + "\n"

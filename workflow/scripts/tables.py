@@ -12,7 +12,7 @@ def main(smk):
                  figure2_rows=smk.params.figure2_rows, figure2_eps=smk.params.figure2_eps,
                  comparisons=smk.params.comparisons,
                  autoattack_files=dict(zip(smk.params.autoattack_dirs, smk.input.autoattack)),
-                 outputs={key: smk.output[key] for key in ("models", "table1", "figure2", "claims")})
+                 outputs={key: smk.output[key] for key in ("models", "table1", "figure2", "claims", "summary")})
 
 
 if __name__ == "__main__":
