@@ -35,9 +35,42 @@ def test_default_run_produces_every_table_figure_and_the_report(default_run):
     for figure in ("figure2", "table1", "training_curves"):
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{figure}.{ext}").stat().st_size > 5000
-    assert len(list((results / "figures" / "grids").glob("*.png"))) == 8
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert len(list((results / "figures" / "grids").glob("*.png"))) == len(config["constructions"])
     report = (workdir / "report.html").read_text()
     assert "Figure 2 of Ilyas" in report and "Table 1 of Ilyas" in report
+    summary = (results / "summary.md").read_text()
+    assert "## Claims against their controls" in summary and "d_r > d_r_blend" in summary
+
+
+def _chromium() -> str | None:
+    import os
+    import shutil
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and os.environ.get("NOTBUGS_REQUIRE_BROWSER"):
+        pytest.fail("NOTBUGS_REQUIRE_BROWSER is set but no chromium is installed")
+    return found
+
+
+def test_the_report_renders_in_a_real_browser(default_run):
+    """Headless Chromium runs the report's JavaScript; the rendered page must show the landing
+    page (what was run) and the summary, figures and tables categories."""
+    import subprocess
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (CI installs Debian's package)")
+    workdir, _ = default_run
+    profile = workdir / "chromium-profile"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--dump-dom",
+         (workdir / "report.html").as_uri()], capture_output=True, text=True, timeout=180)
+    dom = result.stdout
+    assert result.returncode == 0 and len(dom) > 10000, result.stderr[-2000:]
+    for text in ("reproduced on dataset", "synthetic", "Summary", "Figures", "Tables",
+                 "replicates per training set"):
+        assert text in dom, text
 
 
 def test_planted_ground_truth_is_reproduced(default_run):

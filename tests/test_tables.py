@@ -129,3 +129,24 @@ def test_figure2_autoattack_runs_on_the_first_test_images(tmp_path):
     assert columns["autoattack_n_test"] == 40 and columns["robust_acc_autoattack"] == pytest.approx(15.0)
     assert columns["robust_acc_pgd_same_images_replicates"] == "12;24"
     assert autoattack_columns(members.drop(columns="robust_acc_autoattack")) == {}
+
+
+def test_summary_lists_every_bar_row_and_claim_with_intervals():
+    from notbugs.tables import summary_markdown
+    fig2 = pd.DataFrame([{"label": "standard_on_d_r", "model": "targets/d_r/m", "replicates": 3, "std_acc": 70.0,
+                          "std_acc_ci_low": 60.0, "std_acc_ci_high": 80.0, "robust_acc": 50.0,
+                          "robust_acc_ci_low": 40.0, "robust_acc_ci_high": 60.0},
+                         {"label": "adversarial_on_d", "model": "sources/robust", "replicates": 1, "std_acc": 69.3,
+                          "std_acc_ci_low": float("nan"), "std_acc_ci_high": float("nan"), "robust_acc": 60.0,
+                          "robust_acc_ci_low": float("nan"), "robust_acc_ci_high": float("nan")}])
+    t1 = pd.DataFrame([{"train_set": "d_rand", "arch": "m", "eps": 0.5, "replicates": 3, "test_acc": 30.0,
+                        "test_acc_ci_low": 25.0, "test_acc_ci_high": 35.0, "train_fit": 99.0, "paper_test_acc": 63.3,
+                        "paper_origin": "paper"}])
+    cl = pd.DataFrame([{"better": "d_rand", "worse": "d_leak_rand", "arch": "m", "metric": "clean", "diff": 5.0,
+                        "diff_ci_low": 1.0, "diff_ci_high": 9.0, "p_value": 1e-5, "worst_replicate_p": 0.003}])
+    text = summary_markdown(fig2, t1, cl, dataset="x", description="JPEG copy", eps=0.25)
+    assert "| standard_on_d_r (targets/d_r/m) | 3 | 70.0 [60.0, 80.0] | 50.0 [40.0, 60.0] |" in text
+    assert "| adversarial_on_d (sources/robust) | 1 | 69.3 | 60.0 |" in text  # one model: no interval
+    assert "| d_rand | m | 0.5 | 3 | 30.0 [25.0, 35.0] | 99.0 | 63.3 (paper) |" in text
+    assert "| d_rand > d_leak_rand (m) | clean | +5.0 [1.0, 9.0] | 1e-05 | 0.003 |" in text
+    assert "JPEG copy" in text and "eps = 0.25" in text
