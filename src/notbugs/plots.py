@@ -128,8 +128,13 @@ def _bars_with_references(ax, x, heights, refs, width, color, label, ref_kinds, 
         if not np.isnan(ref):
             ax.hlines(ref, xi - width / 2, xi + width / 2, colors="k", lw=2.2, zorder=3,
                       linestyles=REFERENCE_STYLES.get(kind, "-"))
-        # Above the bar, its interval and its marker, so they never collide.
-        ax.text(xi, np.nanmax([top, ref]) + 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, zorder=4)
+        # Inside the bar at its foot, where neither the interval nor the reference marker goes;
+        # a bar too short to hold it gets it above everything drawn over it.
+        if np.isfinite(h) and h >= 8:
+            ax.text(xi, 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, color="white", fontweight="bold",
+                    zorder=7)
+        else:
+            ax.text(xi, np.nanmax([top, ref]) + 1.5, _fmt(h), ha="center", va="bottom", fontsize=7.5, zorder=4)
 
 
 def _percent_axis(ax, ylabel: str) -> None:
@@ -329,8 +334,10 @@ def training_curves(logs: Mapping[str, pd.DataFrame], out_png: PathLike) -> None
 
 
 @_styled
-def inspect_grid(images: np.ndarray, labels, class_names, out_png: PathLike, n: int = 32) -> None:
-    """The first ``n`` images, each titled with its class name."""
+def inspect_grid(images: np.ndarray, labels, class_names, out_png: PathLike, n: int = 32,
+                 source: str = "") -> None:
+    """The first ``n`` images, each titled with its class name; ``source`` (file and split) in
+    the figure's title."""
     images = _as_float_images(images[:n])
     k = len(images)
     if k == 0:
@@ -345,7 +352,7 @@ def inspect_grid(images: np.ndarray, labels, class_names, out_png: PathLike, n: 
             ax.set_title(_class_name(class_names, labels[i]), fontsize=8)
         else:
             fig.delaxes(ax)
-    fig.suptitle(f"first {k} images")
+    fig.suptitle(f"{source}: first {k} images" if source else f"first {k} images", fontsize=9)
     _save(fig, out_png)
 
 
