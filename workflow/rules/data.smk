@@ -7,7 +7,7 @@ rule prepare_data:
     log:
         f"{LOGS}/prepare_data.log",
     conda:
-        "../../envs/notbugs.yaml"
+        CONDA_ENV
     resources:
         mem_mb=8000,
         runtime=60,

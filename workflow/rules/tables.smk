@@ -21,6 +21,6 @@ rule tables:
     log:
         f"{LOGS}/tables.log",
     conda:
-        "../../envs/notbugs.yaml"
+        CONDA_ENV
     script:
         "../scripts/tables.py"
