@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import notbugs
@@ -54,15 +53,3 @@ def test_imports_only_go_down():
             if _layer(imported) > _layer(path.stem) or (same_stage and imported != path.stem):
                 wrong.append(f"{path.stem} imports {imported}")
     assert not wrong, wrong
-
-
-
-def test_rules_name_the_conda_environment_rather_than_copy_an_env_file():
-    """A rule's env *file* is copied into .snakemake/conda/, where its `pip: -e ..` no longer
-    points at the repository; the rules name the hand-made environment instead."""
-    repo = Path(__file__).resolve().parents[1]
-    for path in (repo / "workflow" / "rules").glob("*.smk"):
-        text = path.read_text()
-        assert "envs/" not in text, path.name
-        assert text.count("conda:") == text.count("conda:\n") == len(re.findall(r"conda:\n\s+CONDA_ENV\n", text)), path.name
-    assert "-e .." in (repo / "envs" / "notbugs.yaml").read_text()

@@ -16,10 +16,6 @@ except ConfigError as exc:
     raise WorkflowError(f"Invalid configuration: {exc}")
 
 
-# The conda environment every job uses under --sdm conda: an existing one, made by hand from the
-# file in the envs folder (see its header for why Snakemake does not build it).
-CONDA_ENV = "notbugs"
-
 DATASET = config["dataset"]["name"]
 RESULTS = f"results/{DATASET}"
 LOGS = f"logs/{DATASET}"

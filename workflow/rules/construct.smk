@@ -13,7 +13,7 @@ rule construct:
         f"{LOGS}/construct/{{name}}.log",
     priority: 1
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=lambda wc: GPU if "source" in config["constructions"][wc.name] else 0,

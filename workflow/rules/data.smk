@@ -7,7 +7,7 @@ rule prepare_data:
     log:
         f"{LOGS}/prepare_data.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     resources:
         mem_mb=8000,
         runtime=60,

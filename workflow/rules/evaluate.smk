@@ -13,7 +13,7 @@ rule evaluate_source:
     log:
         f"{LOGS}/evaluate_source/{{source}}.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -38,7 +38,7 @@ rule evaluate_target:
     log:
         target_job_log("evaluate_target"),
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -67,7 +67,7 @@ if AUTOATTACK:
         log:
             f"{LOGS}/evaluate_autoattack/{{model_dir}}.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         threads: config["threads"]
         resources:
             gpu=GPU,

@@ -9,7 +9,7 @@ rule plot_figure2:
     log:
         f"{LOGS}/plot/figure2.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -25,7 +25,7 @@ rule plot_table1:
     log:
         f"{LOGS}/plot/table1.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -42,7 +42,7 @@ rule plot_training_curves:
     log:
         f"{LOGS}/plot/training_curves.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"
 
@@ -61,6 +61,6 @@ rule plot_grid:
     log:
         f"{LOGS}/plot/grid_{{name}}.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/plot.py"

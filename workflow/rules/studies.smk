@@ -23,7 +23,7 @@ if STUDIES["transfer"]["enabled"]:
         log:
             f"{LOGS}/studies/transfer.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         threads: config["threads"]
         resources:
             gpu=GPU,
@@ -55,7 +55,7 @@ if STUDIES["robust_leakage"]["enabled"]:
         log:
             f"{LOGS}/studies/robust_leakage.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         threads: config["threads"]
         script:
             "../scripts/studies.py"
@@ -76,7 +76,7 @@ if STUDIES["gaussian"]["enabled"]:
         log:
             f"{LOGS}/studies/gaussian.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         threads: config["threads"]
         script:
             "../scripts/studies.py"
@@ -111,7 +111,7 @@ if STUDIES["rebuttals"]["enabled"]:
         log:
             f"{LOGS}/studies/rebuttals.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         threads: config["threads"]
         resources:
             gpu=GPU,
@@ -134,6 +134,6 @@ for _study in ENABLED_STUDIES:
         log:
             f"{LOGS}/plot/{_study}.log",
         conda:
-            CONDA_ENV
+            "../../envs/notbugs.yaml"
         script:
             "../scripts/plot.py"

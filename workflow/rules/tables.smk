@@ -21,6 +21,6 @@ rule tables:
     log:
         f"{LOGS}/tables.log",
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     script:
         "../scripts/tables.py"

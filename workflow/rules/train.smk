@@ -15,7 +15,7 @@ rule train_source:
     # Sources, then constructions, head the longest chains: start them before quick jobs.
     priority: 2
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
@@ -42,7 +42,7 @@ rule train_target:
     log:
         target_job_log("train_target"),
     conda:
-        CONDA_ENV
+        "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
         gpu=GPU,
