@@ -50,3 +50,17 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"notbugs {__version__}"
+
+
+def test_inspect_reports_the_accuracies_of_a_predictions_file(tmp_path, capsys):
+    import numpy as np
+
+    from notbugs import hdf5
+    labels = np.array([0, 1, 2, 3])
+    columns = {name: hdf5.ColumnSpec((), "int64") for name in ("labels", "clean_pred", "robust_pred_eps0.25")}
+    writer = hdf5.ChunkedWriter(tmp_path / "predictions.h5", 4, columns, "test", split="test")
+    writer.append({"labels": labels, "clean_pred": np.array([0, 1, 2, 0]), "robust_pred_eps0.25": np.array([0, 3, 3, 3])})
+    writer.finish(kind="evaluation", class_names=["a", "b", "c", "d"], config={}, seed=0, source="test")
+    assert main(["inspect", str(tmp_path / "predictions.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy: clean 75.00%, robust at eps 0.25 25.00%" in out

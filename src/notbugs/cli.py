@@ -35,6 +35,14 @@ def describe(path: str) -> str:
             counts = np.bincount(split.labels, minlength=len(names))
             hist = ", ".join(f"{name} {count}" for name, count in zip(names, counts))
             lines.append(f"    class histogram: {hist}")
+            if art.kind == "evaluation":
+                labels = split.labels
+                clean = split["clean_pred"][:] == labels
+                accuracies = [f"clean {100 * clean.mean():.2f}%"] + [
+                    f"robust at eps {column.removeprefix('robust_pred_eps')} "
+                    f"{100 * (clean & (split[column][:] == labels)).mean():.2f}%"
+                    for column in split.columns if column.startswith("robust_pred_eps")]
+                lines.append(f"    accuracy: {', '.join(accuracies)} (robust counts clean-correct examples only)")
     return "\n".join(lines)
 
 
