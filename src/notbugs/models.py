@@ -130,21 +130,18 @@ def _resnet_blocks():
     """torchvision's residual blocks, with their output ReLU as a :class:`FinalReLU` (same weights)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    class Basic(BasicBlock):
+    class WithOutReLU:  # mixed in before the torchvision block, so nn.Module is set up first
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.out_relu = FinalReLU()
 
+    class Basic(WithOutReLU, BasicBlock):
         def forward(self, x):
             shortcut = x if self.downsample is None else self.downsample(x)
             out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
             return self.out_relu(out + shortcut)
 
-    class Bottle(Bottleneck):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.out_relu = FinalReLU()
-
+    class Bottle(WithOutReLU, Bottleneck):
         def forward(self, x):
             shortcut = x if self.downsample is None else self.downsample(x)
             out = self.relu(self.bn1(self.conv1(x)))
