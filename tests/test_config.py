@@ -283,3 +283,15 @@ def test_subset_sizes_must_be_multiples_of_the_classes(config, tmp_path, key):
     validate_config(config, SCHEMA)  # a multiple of 3 passes
     config["dataset"] = {"name": "c", "source": "cifar10", "n_train": 1005}
     assert "dataset.n_train" in _error(config) and "10 classes" in _error(config)
+
+
+def test_command_line_overrides_keep_their_types(config):
+    """Snakemake's --config evaluation='{steps: 100}' delivers '100' as a string."""
+    config["evaluation"] = {"steps": "100", "batch_size": "250", "random_start": "true", "eps": ["0.25"]}
+    config["chunk_size"] = "250"
+    validate_config(config, SCHEMA)
+    assert config["evaluation"]["steps"] == 100 and config["evaluation"]["batch_size"] == 250
+    assert config["evaluation"]["random_start"] is True and config["evaluation"]["eps"] == [0.25]
+    assert config["chunk_size"] == 250
+    config["evaluation"]["steps"] = "many"
+    assert "evaluation.steps" in _error(config)

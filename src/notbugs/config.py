@@ -61,10 +61,40 @@ def _filling_validator(schema_doc: dict):
     return jsonschema.validators.extend(base, {"properties": properties_with_defaults})(schema_doc)
 
 
+_SCALAR_TYPES = {"integer": int, "number": (int, float), "boolean": bool}
+
+
+def _coerce_command_line_scalars(instance, errors) -> bool:
+    """Snakemake's ``--config key='{a: 100}'`` hands nested values over as strings ('100'): read
+    such a string as YAML where the schema wants a number or a boolean and the YAML value is one.
+    Returns whether anything changed."""
+    changed = False
+    for error in errors:
+        wanted = error.validator_value if error.validator == "type" else None
+        wanted = [wanted] if isinstance(wanted, str) else (wanted or [])
+        if not isinstance(error.instance, str) or not any(t in _SCALAR_TYPES for t in wanted):
+            continue
+        try:
+            value = yaml.safe_load(error.instance)
+        except yaml.YAMLError:
+            continue
+        if any(isinstance(value, _SCALAR_TYPES[t]) and not (t != "boolean" and isinstance(value, bool))
+               for t in wanted if t in _SCALAR_TYPES):
+            parent = instance
+            for key in list(error.absolute_path)[:-1]:
+                parent = parent[key]
+            parent[list(error.absolute_path)[-1]] = value
+            changed = True
+    return changed
+
+
 def _fill_and_check(instance, schema_doc: dict, key_prefix: tuple = ()) -> None:
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_filling_validator(schema_doc).iter_errors(instance))
+    validator = _filling_validator(schema_doc)
+    while _coerce_command_line_scalars(instance, list(validator.iter_errors(instance))):
+        pass
+    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
     if error is None:
         return
     path = [*key_prefix, *error.absolute_path]
