@@ -293,5 +293,9 @@ def test_command_line_overrides_keep_their_types(config):
     assert config["evaluation"]["steps"] == 100 and config["evaluation"]["batch_size"] == 250
     assert config["evaluation"]["random_start"] is True and config["evaluation"]["eps"] == [0.25]
     assert config["chunk_size"] == 250
+    config["evaluation"].update(eps=["2.5e-1", "5e-1"], figure2_autoattack="null")
+    config["evaluation"]["steps"] = 100
+    validate_config(config, SCHEMA)
+    assert config["evaluation"]["eps"] == [0.25, 0.5] and config["evaluation"]["figure2_autoattack"] is None
     config["evaluation"]["steps"] = "many"
     assert "evaluation.steps" in _error(config)

@@ -107,7 +107,7 @@ def test_figure2_autoattack_runs_on_the_first_test_images(tmp_path):
     from helpers import make_data_artifact, train_tiny_model
     from notbugs.config import complete
     from notbugs.evaluate import autoattack_config, evaluate_checkpoint
-    from notbugs.tables import autoattack_columns, correct_per_example
+    from notbugs.tables import autoattack_columns, correct_per_example, test_rows
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=300, n_test=100)
     model = train_tiny_model(data_path, tmp_path / "m", epochs=3)
     eval_cfg = complete("evaluation", {"eps": [1.0], "figure2_autoattack": {"n_test": 20}})
@@ -118,11 +118,13 @@ def test_figure2_autoattack_runs_on_the_first_test_images(tmp_path):
     result = evaluate_checkpoint(model, data_path, strong, tmp_path / "autoattack.json", device=torch.device("cpu"),
                                  seed=0, fast=fast, predictions=tmp_path / "autoattack_predictions.h5")
     assert result["n_test"] == 20 and result["robust"][0]["attack"] == "autoattack"
+    rows = test_rows(tmp_path / "autoattack_predictions.h5")
     autoattack = correct_per_example(tmp_path / "autoattack_predictions.h5", "robust", 1.0)
-    pgd = correct_per_example(tmp_path / "predictions.h5", "robust", 1.0)[:20]
+    pgd = correct_per_example(tmp_path / "predictions.h5", "robust", 1.0)[rows]
     assert len(autoattack) == 20 and autoattack.mean() <= pgd.mean()
     with h5py.File(tmp_path / "predictions.h5") as full, h5py.File(tmp_path / "autoattack_predictions.h5") as sub:
-        np.testing.assert_array_equal(sub["test/labels"][:], full["test/labels"][:20])  # the same images
+        np.testing.assert_array_equal(sub["test/labels"][:], full["test/labels"][:][rows])  # the same images
+        assert (np.bincount(sub["test/labels"][:], minlength=10) == 2).all()  # class-balanced, not a prefix
     members = pd.DataFrame({"autoattack_n_test": [40, 40], "robust_acc_autoattack": [10.0, 20.0],
                             "robust_acc_pgd_same_images": [12.0, 24.0]})
     columns = autoattack_columns(members)

@@ -72,14 +72,20 @@ def _coerce_command_line_scalars(instance, errors) -> bool:
     for error in errors:
         wanted = error.validator_value if error.validator == "type" else None
         wanted = [wanted] if isinstance(wanted, str) else (wanted or [])
-        if not isinstance(error.instance, str) or not any(t in _SCALAR_TYPES for t in wanted):
+        if not isinstance(error.instance, str) or not any(t in _SCALAR_TYPES or t == "null" for t in wanted):
             continue
         try:
             value = yaml.safe_load(error.instance)
         except yaml.YAMLError:
             continue
-        if any(isinstance(value, _SCALAR_TYPES[t]) and not (t != "boolean" and isinstance(value, bool))
-               for t in wanted if t in _SCALAR_TYPES):
+        if isinstance(value, str) and "number" in wanted:
+            try:  # YAML 1.1 reads '1e-3' (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if (value is None and "null" in wanted) or any(
+                isinstance(value, _SCALAR_TYPES[t]) and not (t != "boolean" and isinstance(value, bool))
+                for t in wanted if t in _SCALAR_TYPES):
             parent = instance
             for key in list(error.absolute_path)[:-1]:
                 parent = parent[key]

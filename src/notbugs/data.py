@@ -48,6 +48,7 @@ from typing import Mapping
 import numpy as np
 
 from notbugs import hdf5
+from notbugs.sampling import balanced_subset
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +146,6 @@ def make_synthetic(spec: SyntheticSpec, n: int, seed: int, split_seed: int) -> t
 
 
 # --------------------------------------------------------------------------- natural data
-
-def balanced_subset(labels: np.ndarray, n: int | None, n_classes: int, seed: int) -> np.ndarray:
-    """Indices of a seeded, class-balanced subset of size ``n`` (all indices if n is None)."""
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    if n % n_classes:
-        raise ValueError(f"subset size {n} is not a multiple of the {n_classes} classes")
-    rng = np.random.default_rng(seed)
-    per_class = n // n_classes
-    picks = []
-    for c in range(n_classes):
-        members = np.flatnonzero(labels == c)
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} examples, fewer than {per_class} asked for")
-        picks.append(rng.choice(members, size=per_class, replace=False))
-    return np.sort(np.concatenate(picks))
-
 
 def split_indices(labels: np.ndarray, n_train: int | None, n_val: int, n_classes: int, seed: int
                   ) -> tuple[np.ndarray, np.ndarray]:

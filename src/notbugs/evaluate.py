@@ -15,10 +15,10 @@ import torch
 from tqdm import tqdm
 
 from notbugs import attacks, hdf5
-from notbugs.batches import to_float
+from notbugs.batches import read_rows, to_float
 from notbugs.models import accelerate, file_sha256, load_model
 from notbugs.runtime import atomic_write
-from notbugs.sampling import chunk_generator
+from notbugs.sampling import balanced_subset, chunk_generator
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,17 @@ def write_json(path: str | Path, payload: Mapping) -> None:
 
 
 def autoattack_config(eval_cfg: Mapping, eps: float) -> dict:
-    """The evaluation config of the Figure 2 AutoAttack check (``evaluation.figure2_autoattack``)."""
+    """The evaluation config of the Figure 2 AutoAttack check (``evaluation.figure2_autoattack``):
+    only what AutoAttack uses, so that changing PGD's settings does not rerun it."""
     check = eval_cfg["figure2_autoattack"]
-    return {**eval_cfg, "attack": "autoattack", "autoattack_version": check["version"], "eps": [eps],
-            "n_test": check["n_test"]}
+    return {"attack": "autoattack", "autoattack_version": check["version"], "norm": eval_cfg["norm"], "eps": [eps],
+            "n_test": check["n_test"], "batch_size": eval_cfg["batch_size"]}
+
+
+def pgd_config(eval_cfg: Mapping) -> dict:
+    """The evaluation config of the PGD rules: without the AutoAttack check's settings, so that
+    changing those does not rerun every PGD evaluation."""
+    return {k: v for k, v in eval_cfg.items() if k != "figure2_autoattack"}
 
 
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
@@ -125,20 +132,30 @@ def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg:
         for eps in eval_cfg["eps"]:
             pred_col, norm_col = robust_columns(eps)
             columns[pred_col], columns[norm_col] = hdf5.ColumnSpec((), "int64"), hdf5.ColumnSpec((), "float32")
-        n_test = min(len(test), eval_cfg.get("n_test") or len(test))
+        labels = test.labels
+        rows = np.arange(len(test))
+        if eval_cfg.get("n_test") and eval_cfg["n_test"] < len(test):
+            # a seeded class-balanced subset: a split's prefix can be a single class (ImageFolder order)
+            rows = balanced_subset(labels, eval_cfg["n_test"], len(data.class_names), seed)
+            columns["test_index"] = hdf5.ColumnSpec((), "int64")
+        n_test = len(rows)
         writer = hdf5.ChunkedWriter(predictions, n_test, columns, fingerprint, split="test")
         try:
             if writer.rows_done:
                 log.info("%s: resuming after %d/%d evaluated rows", model_path, writer.rows_done, n_test)
             bar = tqdm(total=n_test, initial=writer.rows_done, desc="evaluate", unit="img", mininterval=10)
-            for lo, chunk in test.iter_chunks(bs, start=writer.rows_done, stop=n_test):
-                x = to_float(torch.from_numpy(chunk["images"])).to(device)
-                y = torch.from_numpy(chunk["labels"]).to(device)
-                writer.append(evaluate_batch(model, x, y, eval_cfg, chunk_generator(seed, lo), len(data.class_names)))
+            for lo in range(writer.rows_done, n_test, bs):
+                index = rows[lo:lo + bs]
+                x = to_float(torch.from_numpy(read_rows(test.images, index))).to(device)
+                y = torch.from_numpy(labels[index]).to(device)
+                batch = evaluate_batch(model, x, y, eval_cfg, chunk_generator(seed, lo), len(data.class_names))
+                if "test_index" in columns:
+                    batch["test_index"] = index.astype(np.int64)
+                writer.append(batch)
                 bar.update(len(y))
                 log.info("evaluate: %d/%d rows done", lo + len(y), n_test)
             bar.close()
-            result = summarize({name: writer.read_column(name) for name in columns}, eval_cfg)
+            result = summarize({name: writer.read_column(name) for name in columns if name != "test_index"}, eval_cfg)
             writer.finish(kind="evaluation", class_names=data.class_names, config={"evaluation": dict(eval_cfg)},
                           seed=seed, source=f"evaluation of {model_path}",
                           extra_attrs={"checkpoint": str(model_path), "std_acc": result["std_acc"]})

@@ -57,3 +57,20 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
             j = (i + 1) % n
             perm[i], perm[j] = perm[j], perm[i]
     return perm
+
+
+def balanced_subset(labels: np.ndarray, n: int | None, n_classes: int, seed: int) -> np.ndarray:
+    """Indices of a seeded, class-balanced subset of size ``n`` (all indices if n is None)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n % n_classes:
+        raise ValueError(f"subset size {n} is not a multiple of the {n_classes} classes")
+    rng = np.random.default_rng(seed)
+    per_class = n // n_classes
+    picks = []
+    for c in range(n_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} examples, fewer than {per_class} asked for")
+        picks.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(picks))

@@ -139,7 +139,8 @@ def certified_static(weights: np.ndarray, bias: np.ndarray, x_flat: np.ndarray, 
     logits = x_flat @ weights.T + bias
     predicted = logits.argmax(1)
     margins = logits[np.arange(len(logits)), predicted][:, None] - logits                   # (n, class)
-    gaps = np.linalg.norm(weights[predicted][:, None, :] - weights[None, :, :], axis=2)    # (n, class)
+    pair_gaps = np.linalg.norm(weights[:, None, :] - weights[None, :, :], axis=2)          # (class, class)
+    gaps = pair_gaps[predicted]                                                             # (n, class)
     ok = margins > eps * gaps
     ok[np.arange(len(logits)), predicted] = True
     return ok.all(1)

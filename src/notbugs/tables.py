@@ -170,6 +170,13 @@ def autoattack_columns(members: pd.DataFrame) -> dict:
             **summary_columns("robust_acc_pgd_same_images", list(members.robust_acc_pgd_same_images))}
 
 
+def test_rows(predictions_path: str | Path) -> np.ndarray:
+    """Which test images a predictions file covers (a subset stores them as ``test_index``)."""
+    with hdf5.open_artifact(predictions_path, kind="evaluation") as art:
+        split = art.split("test")
+        return split["test_index"][:] if "test_index" in split else np.arange(len(split))
+
+
 def correct_per_example(predictions_path: str | Path, metric: str, eps: float) -> np.ndarray:
     """Booleans per test image: clean prediction right (``clean``), or clean and attacked
     prediction at ``eps`` both right (``robust``)."""
@@ -237,7 +244,7 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
     models = models_table(metrics, constructions)
     for model_dir, path in (autoattack_files or {}).items():
         autoattack = correct_per_example(path, "robust", figure2_eps)
-        pgd = correct_per_example(predictions_files[model_dir], "robust", figure2_eps)[:len(autoattack)]
+        pgd = correct_per_example(predictions_files[model_dir], "robust", figure2_eps)[test_rows(path)]
         row = models.model == model_dir
         models.loc[row, "autoattack_n_test"] = len(autoattack)
         models.loc[row, "robust_acc_autoattack"] = 100 * autoattack.mean()

@@ -6,7 +6,7 @@ rule evaluate_source:
         metrics=[f"{RESULTS}/sources/{{source}}/metrics.json"],
         predictions=[f"{RESULTS}/sources/{{source}}/predictions.h5"],
     params:
-        evaluation=config["evaluation"],
+        evaluation=pgd_config(config["evaluation"]),
         fast=config["fast_paths"],
         seed=config["seed"],
         device=config["device"],
@@ -31,7 +31,7 @@ rule evaluate_target:
         metrics=target_files("metrics.json"),
         predictions=target_files("predictions.h5"),
     params:
-        evaluation=config["evaluation"],
+        evaluation=pgd_config(config["evaluation"]),
         fast=config["fast_paths"],
         seed=config["seed"],
         device=config["device"],
