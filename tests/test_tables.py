@@ -98,7 +98,7 @@ def test_claims_pair_replicate_k_with_replicate_k():
     assert {m for m, _ in seen} == set(metrics) and {k for _, k in seen} == {"robust"}
 
 
-def test_figure2_autoattack_runs_on_the_first_test_images(tmp_path):
+def test_figure2_autoattack_runs_on_a_balanced_subset_of_the_test_images(tmp_path):
     """The plumbing: a subset of the test split, the attack recorded, PGD's rows matched. (That
     AutoAttack is no weaker than PGD where it matters: tests/test_attacks.py. At eps 1 nearly
     every image breaks at once, which keeps AutoAttack's later stages short.)"""
