@@ -116,8 +116,8 @@ def pgd_config(eval_cfg: Mapping) -> dict:
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
                         output: str | Path, *, device: torch.device, seed: int, fast: Mapping,
                         predictions: str | Path | None = None) -> dict:
-    """Evaluate one checkpoint on the data artifact's test split (its first ``eval_cfg["n_test"]``
-    rows if that is set): per-example predictions are streamed batch by batch into
+    """Evaluate one checkpoint on the data artifact's test split (a seeded class-balanced subset
+    of ``eval_cfg["n_test"]`` rows if that is set, stored as ``test_index``): per-example predictions are streamed batch by batch into
     ``predictions`` (an "evaluation" HDF5 artifact; a killed run resumes after the last finished
     batch), then the summary is written to ``metrics.json``."""
     model, meta = load_model(model_path, device=device)

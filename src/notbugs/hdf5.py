@@ -240,11 +240,10 @@ class Split:
         return self._group["labels"][:]
 
     def iter_chunks(self, size: int, start: int = 0, columns: Sequence[str] = ("images", "labels"),
-                    stop: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Stream (offset, {column: rows}) in pieces of ``size`` rows, from ``start`` to ``stop``."""
-        end = len(self) if stop is None else min(stop, len(self))
-        for lo in range(start, end, size):
-            hi = min(lo + size, end)
+                    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream (offset, {column: rows}) in pieces of ``size`` rows."""
+        for lo in range(start, len(self), size):
+            hi = min(lo + size, len(self))
             yield lo, {name: self._group[name][lo:hi] for name in columns}
 
 

@@ -51,8 +51,8 @@ class Classifier(nn.Module):
 class FinalReLU(nn.Module):
     """The ReLU that produces a model's representation. With ``straight_through`` its backward
     pass is the identity (the forward value is unchanged): the authors' inversions match the
-    representation this way (their ``fake_relu``), and without it an inversion stalls wherever
-    the target's units are zero (docs/paper-notes.md §2). Every architecture with a ReLU before
+    representation this way (their ``fake_relu``, docs/paper-notes.md §2; what it does to these
+    models' inversions is measured in docs/tuning.md). Every architecture with a ReLU before
     its representation ends with one; :func:`straight_through_last_relu` switches it on."""
 
     straight_through = False

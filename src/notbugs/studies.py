@@ -97,9 +97,13 @@ def linear_features(model: torch.nn.Module, image_shape: Sequence[int]) -> tuple
     return weights.numpy(), bias.numpy()
 
 
+def flat_pixels(images) -> np.ndarray:
+    """Images as float64 pixel vectors, one row each."""
+    return np.concatenate([x.flatten(1).double().numpy() for _, x in float_batches(images, 1000)])
+
+
 def feature_values(weights: np.ndarray, bias: np.ndarray, images) -> np.ndarray:
-    flat = np.concatenate([x.flatten(1).double().numpy() for _, x in float_batches(images, 1000)])
-    return flat @ weights.T + bias
+    return flat_pixels(images) @ weights.T + bias
 
 
 def worst_case_margin(weights: np.ndarray, bias: np.ndarray, x_flat: np.ndarray, signs: np.ndarray,
@@ -251,8 +255,7 @@ def robust_leakage_study(*, linear_path, data_path, constructed: Mapping[str, st
         n_classes, image_shape = len(data.class_names), train.images.shape[1:]
         weights, bias = linear_features(model, image_shape)
         features = certify_linear_features(weights, bias, train.images[:], train.labels, eps)
-        test_flat = np.concatenate([x.flatten(1).double().numpy() for _, x in float_batches(test.images[:], 1000)])
-        static = float(certified_static(weights, bias, test_flat, eps).mean())
+        static = float(certified_static(weights, bias, flat_pixels(test.images[:]), eps).mean())
         sets = {"d": (train.images[:], train.labels)}
         for name, path in constructed.items():
             sets[name] = hdf5.load_split(path, "train", kind="constructed")
@@ -283,8 +286,7 @@ def rebuttals_study(*, judge_path, source_path, ensemble_paths: Sequence[str], c
     for name, path in constructed.items():
         cfg = constructions[name]
         rates = transfer_rates(source, {"judge": judge}, test_images, test_labels, cfg, n_classes, seed=seed,
-                               batch_size=batch_size, device=device,
-                               ensemble=ensemble if cfg["method"] == "nontransferable" else ())
+                               batch_size=batch_size, device=device, ensemble=ensemble)
         nakkiran[name] = {"method": cfg["method"], **constructed_summary(path),
                           "test_source_success_rate": 100 * rates["source"],
                           "judge_transfer_rate": 100 * rates["judge"],

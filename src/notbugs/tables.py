@@ -35,6 +35,7 @@ TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "
 # Per-image relative representation distance ‖g(z) − g(x)‖/‖g(x)‖ at the end of an inversion
 # (its ``loss`` column), and the share of the way x' → x of a pixel blend (its ``loss`` column).
 DISTANCE_QUANTILES = {"inversion": ("inversion_distance", (10, 50, 90)), "blend": ("blend_lambda", (10, 50, 90))}
+DISTANCE_PREFIXES = tuple(f"{prefix}_" for prefix, _ in DISTANCE_QUANTILES.values())
 CONSTRUCTION_ATTRS = ("success_rate", "mean_perturbation_norm", "eps", "unperturbed_rate", "robust_says_target_rate",
                      "robust_says_label_rate")
 _REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
@@ -73,7 +74,7 @@ def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Map
         row["construction_success_rate"] = (100 * cons["success_rate"]
                                             if cons.get("success_rate") is not None else float("nan"))
         row["construction_mean_l2"] = cons.get("mean_perturbation_norm", float("nan"))
-        row.update({k: v for k, v in cons.items() if k.startswith(("inversion_distance_", "blend_lambda_"))})
+        row.update({k: v for k, v in cons.items() if k.startswith(DISTANCE_PREFIXES)})
         row["n_test"] = m["n_test"]
         row["train_fit"] = 100 * m["train_fit"]
         row["train_seconds"] = m["train_seconds"]
@@ -153,7 +154,7 @@ def figure2(models: pd.DataFrame, rows: Mapping[str, str], eps: float) -> pd.Dat
         out.append({"label": label, "model": group, "replicates": len(members),
                     **summary_columns("std_acc", list(members.std_acc)),
                     **summary_columns("robust_acc", list(members[col])), "eps": eps,
-                    **{k: members[k].iloc[0] for k in members if k.startswith(("inversion_distance_", "blend_lambda_"))},
+                    **{k: members[k].iloc[0] for k in members if k.startswith(DISTANCE_PREFIXES)},
                     **autoattack_columns(members),
                     "paper_std_acc": paper_std.value if paper_std else float("nan"),
                     "paper_robust_acc": paper_robust.value if paper_robust else float("nan"),
