@@ -50,7 +50,7 @@ def test_repository_config_validates_and_gets_defaults(config, raw_config):
     assert config["constructions"]["d_det"]["keep_best"] is True
     assert config["constructions"]["d_r"]["start"] == "image"
     assert "start" not in config["constructions"]["d_det"]  # each method takes only its own settings
-    assert config["constructions"]["d_rand"]["steps"] == 50 and "steps" not in config["constructions"]["d_leak_det"]
+    assert config["constructions"]["d_rand"]["steps"] == 20 and "steps" not in config["constructions"]["d_leak_det"]
     assert "target" not in config["constructions"]["d_r"]
     assert config["dataset"]["root"] == "resources"
     assert config["dataset"]["synthetic"]["nonrobust_norm"] == 0.1

@@ -16,7 +16,7 @@ from notbugs.models import (ARCHITECTURES, CheckpointError, build_model, load_mo
 
 MEAN = (0.1, 0.2, 0.3)
 STD = (0.5, 0.25, 0.125)
-FEATURE_DIMS = {"small_cnn": 64, "small_cnn_wide": 128, "resnet18": 512, "resnet50": 2048,
+FEATURE_DIMS = {"small_cnn": 64, "small_cnn_wide": 128, "cifar_net": 128, "cifar_net_wide": 256, "resnet18": 512, "resnet50": 2048,
                 "vgg16": 512, "densenet121": 1024}
 
 

@@ -23,7 +23,7 @@ def _feature_grad(model, x):
     return features.detach(), x.grad
 
 
-@pytest.mark.parametrize("arch", ["small_cnn", "tiny_resnet", "mlp", "resnet18"])
+@pytest.mark.parametrize("arch", ["small_cnn", "cifar_net", "tiny_resnet", "mlp", "resnet18"])
 def test_straight_through_keeps_the_forward_pass_and_changes_the_gradient(arch):
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     model = _model(arch)
