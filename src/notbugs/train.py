@@ -2,7 +2,8 @@
 
 One recipe for both, readable top to bottom in :func:`train`:
 SGD with momentum, a per-epoch schedule, optional crop/flip augmentation on the device,
-optional label smoothing, and optional PGD adversarial training (L2 or L∞).
+optional label smoothing, optional PGD adversarial training (L2 or L∞), and forward passes in
+float32 or autocast bfloat16 (``precision``).
 
 Determinism and resume: the model is initialised from ``seed``, and every epoch draws its
 shuffle, augmentation and attack starts from a generator seeded by (seed, epoch). The state is
@@ -143,6 +144,7 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
     if val is not None:
         x_val, y_val = torch.from_numpy(val[0]).to(device), torch.from_numpy(val[1]).to(device)
     adv = cfg["adversarial"]
+    bf16 = cfg["precision"] == "bfloat16"
     threat = attacks.threat_model(adv["norm"], adv["eps"], adv["step_size"]) if adv else None
     n, bs = len(labels), cfg["batch_size"]
     steps_per_epoch = max(1, n // bs) if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
@@ -164,8 +166,8 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
             x = augment(to_float(x_all[idx]), cfg["augment"], gen)
             y = y_all[idx]
             if threat is not None:
-                x = _adversarial_batch(model, x, y, threat, adv, gen)
-            logits, loss = train_step(model, opt, x, y, cfg["label_smoothing"])
+                x = _adversarial_batch(model, x, y, threat, adv, gen, bf16)
+            logits, loss = train_step(model, opt, x, y, cfg["label_smoothing"], bf16)
             total_loss += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -196,9 +198,16 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
             "train_fit": train_fit}
 
 
-def train_step(model, opt, x, y, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(model, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Float32 logits of ``model(x)``, its forward pass autocast to bfloat16 if ``bf16``."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(x).float()
+
+
+def train_step(model, opt, x, y, label_smoothing: float = 0.0, bf16: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch; returns the (detached) logits and mean loss."""
-    logits = model(x)
+    logits = forward(model, x, bf16)
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -206,9 +215,10 @@ def train_step(model, opt, x, y, label_smoothing: float = 0.0) -> tuple[torch.Te
     return logits.detach(), loss.detach()
 
 
-def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator) -> torch.Tensor:
+def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator, bf16: bool = False
+                       ) -> torch.Tensor:
     def loss_fn(z):
-        return -F.cross_entropy(model(z), y, reduction="none")
+        return -F.cross_entropy(forward(model, z, bf16), y, reduction="none")
     with attacks.frozen(model):
         x_adv, _ = attacks.descend(x, loss_fn, threat, adv["steps"], random_start=adv["random_start"],
                                    generator=gen)
