@@ -169,3 +169,20 @@ def test_output_must_be_png(tmp_path):
     with pytest.raises(ValueError, match=".png"):
         plots.figure2(figure2_table(), tmp_path / "figure2.pdf")
     assert plt.get_fignums() == []
+
+
+def test_summary_page_embeds_figure2_above_the_summary_tables(tmp_path):
+    import base64
+    plots.figure2(figure2_table(), tmp_path / "figure2.png")
+    summary = tmp_path / "summary.md"
+    summary.write_text("# notbugs results: tiny\n\nData: synthetic.\n\n## Claims against their controls\n\n"
+                       "| claim | difference |\n|---|---|\n| d_r > d_r_blend (small_cnn) | +57.6 [36.1, 79.1] |\n")
+    plots.summary_page(summary, tmp_path / "figure2.png", tmp_path / "summary.html")
+    html = (tmp_path / "summary.html").read_text()
+    assert "<h1>notbugs results: tiny</h1>" in html and "<h2>Claims against their controls</h2>" in html
+    assert "<td>d_r &gt; d_r_blend (small_cnn)</td>" in html  # a table, not Markdown pipes
+    image = html.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+    assert base64.b64decode(image) == (tmp_path / "figure2.png").read_bytes()
+    assert max(len(line) for line in html.splitlines()) < 10_000  # docutils' limit in the report
+    assert html.index("notbugs-figure2") < html.index("<table")
+    assert not list(tmp_path.glob("*.partial"))

@@ -30,7 +30,8 @@ def gpu_rules(config: dict) -> set[str]:
 STUDY_GPU_RULES = {"study_transfer", "study_rebuttals"}
 STUDY_CPU_RULES = {"study_robust_leakage", "study_gaussian", "plot_transfer", "plot_robust_leakage",
                    "plot_gaussian", "plot_rebuttals"}
-CPU_RULES = {"prepare_data", "tables", "plot_figure2", "plot_table1", "plot_training_curves", "plot_grid"}
+CPU_RULES = {"prepare_data", "tables", "plot_figure2", "plot_table1", "plot_training_curves", "plot_grid",
+             "plot_summary_page"}
 
 
 def _id(path: Path) -> str:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helpers import DEFAULT_CONFIG, REPO, SNAKEFILE, SNAKEMAKE, parse_dry_run
-PLOT_RULES = {"plot_figure2", "plot_table1", "plot_training_curves", "plot_grid"}
+PLOT_RULES = {"plot_figure2", "plot_table1", "plot_training_curves", "plot_grid", "plot_summary_page"}
 
 
 def tiny_config() -> dict:
@@ -188,3 +188,41 @@ def test_every_study_runs_in_the_pipeline_and_reaches_the_report(tmp_path):
         assert (results / "figures" / f"{study}.png").stat().st_size > 5000
         assert (results / "figures" / f"{study}.pdf").exists()
         assert f"{study}.png" in report
+
+
+def test_the_rules_environment_file_lists_exactly_the_package_dependencies():
+    """envs/notbugs.yaml (every rule's `conda:`) holds notbugs' dependencies and no path, so it
+    means the same after Snakemake copies it into .snakemake/conda/ (--sdm conda)."""
+    import tomllib
+    env = yaml.safe_load((REPO / "envs/notbugs.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(pip) == sorted(declared)
+    assert not [p for p in pip if p.startswith(("-e", ".", "/", "file:"))]
+
+
+@pytest.mark.slow
+def test_jobs_run_in_an_environment_without_notbugs_installed(tmp_path):
+    """What --sdm conda gives each job: an interpreter with the dependencies but not notbugs. The
+    workflow must still parse and its jobs must still run, through the Snakefile's PYTHONPATH."""
+    import site
+    import sys
+    bare = tmp_path / "bare-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    python = bare / "bin" / "python"
+    bare_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    # The dependencies as plain path entries: .pth files there (notbugs' editable install) are not run.
+    Path(bare_site, "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([str(python), "-c", "import snakemake, torch, h5py; import notbugs"],
+                           capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "No module named 'notbugs'" in probe.stderr, probe.stderr
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    result = subprocess.run([str(python), "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
+                             "--configfile", str(workdir / "config.yaml"), "--cores", "2",
+                             "results/tiny/sources/standard/metrics.json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "results/tiny/sources/standard/metrics.json").exists()

@@ -163,7 +163,9 @@ def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg:
             writer.close()
     result.update(arch=meta["arch"], epochs=meta["epochs"], train_seconds=meta["train_seconds"],
                   train_fit=meta["train_fit"],
-                  adversarial=meta["config"]["train"]["adversarial"], checkpoint=str(model_path),
+                  adversarial=meta["config"]["train"]["adversarial"],
+                  train_precision=meta["config"]["train"].get("precision", "float32"),  # older checkpoints: float32
+                  checkpoint=str(model_path),
                   predictions=str(predictions))
     log.info("%s: std %.2f%%, %s", model_path, 100 * result["std_acc"],
              ", ".join(f"robust@{r['eps']:g} {100 * r['robust_acc']:.2f}%" for r in result["robust"]))

@@ -1,10 +1,12 @@
-"""Stage 6, plots: Figure 2, Table 1 as bars, constructed-image grids and training curves.
+"""Stage 6, plots: Figure 2, Table 1 as bars, constructed-image grids, training curves, and the
+report's summary page.
 
 Every figure is written twice: the given ``.png`` (200 dpi) and a ``.pdf`` with the same stem.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 import os
@@ -12,6 +14,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import markdown
 import matplotlib
 
 matplotlib.use("Agg")
@@ -22,6 +25,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from notbugs.runtime import atomic_write  # noqa: E402
 
 # Okabe-Ito: distinguishable under the common forms of colour blindness.
 OKABE_ITO = ["#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -511,3 +516,25 @@ def gaussian(fits: pd.DataFrame, misalignment: pd.DataFrame, eigen: pd.DataFrame
     for ax in (a, b, c):
         ax.grid(True, color="0.92", zorder=0)
     _save(fig, out_png)
+
+
+def summary_page(summary_md: PathLike, figure_png: PathLike, out_html: PathLike) -> None:
+    """The run summary (``summary.md``) as one self-contained HTML fragment with Figure 2 embedded
+    above its tables: the report's landing page shows it, so a reader sees what came out without
+    opening anything."""
+    out_html = Path(out_html)
+    text = Path(summary_md).read_text()
+    title, _, body = text.partition("\n")
+    # In lines of 76 characters: docutils refuses longer lines when the report embeds this page,
+    # and browsers skip the whitespace inside a base64 data URI.
+    image = base64.encodebytes(Path(figure_png).read_bytes()).decode("ascii").strip()
+    html = "\n".join([
+        '<div class="notbugs-summary">',
+        markdown.markdown(title),
+        f'<img class="notbugs-figure2" alt="Figure 2" style="max-width: 100%" src="data:image/png;base64,{image}">',
+        markdown.markdown(body, extensions=["tables"]).replace("<table>", '<table class="table table-sm">'),
+        "</div>",
+    ])
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_html) as tmp:
+        tmp.write_text(html + "\n")

@@ -67,7 +67,8 @@ def models_table(metrics: Mapping[str, Mapping], constructions: Mapping[str, Map
         train_set = "d" if kind == "source" else model_dir.split("/")[1]
         cons = constructions.get(train_set, {})
         row = {"model": model_dir, "group": group, "replicate": replicate, "kind": kind, "train_set": train_set,
-               "arch": m["arch"], "adversarial_training": bool(m["adversarial"]), "std_acc": 100 * m["std_acc"]}
+               "arch": m["arch"], "adversarial_training": bool(m["adversarial"]),
+               "train_precision": m.get("train_precision", "float32"), "std_acc": 100 * m["std_acc"]}
         for r in m["robust"]:
             row[robust_column(r["eps"])] = 100 * r["robust_acc"]
         row["robust_attack"] = "; ".join(describe_attack(r) for r in m["robust"])

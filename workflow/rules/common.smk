@@ -99,7 +99,7 @@ def construction_inputs(wildcards):
 def final_outputs():
     figures = [f"{RESULTS}/figures/{f}.png" for f in ("figure2", "table1", "training_curves")]
     grids = [f"{RESULTS}/figures/grids/{c}.png" for c in CONSTRUCTIONS]
-    tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2", "claims")] + [f"{RESULTS}/summary.md"]
+    tables = [f"{RESULTS}/tables/{t}.csv" for t in ("models", "table1", "figure2", "claims")] + [f"{RESULTS}/summary.md", f"{RESULTS}/summary.html"]
     studies = [f"{RESULTS}/figures/{s}.png" for s in ENABLED_STUDIES]
     return figures + grids + tables + studies
 

@@ -14,6 +14,22 @@ rule plot_figure2:
         "../scripts/plot.py"
 
 
+rule plot_summary_page:
+    input:
+        summary=f"{RESULTS}/summary.md",
+        figure2=f"{RESULTS}/figures/figure2.png",
+    output:
+        report(f"{RESULTS}/summary.html", caption="../report/summary.rst", category="Summary"),
+    params:
+        plot="summary_page",
+    log:
+        f"{LOGS}/plot/summary_page.log",
+    conda:
+        "../../envs/notbugs.yaml"
+    script:
+        "../scripts/plot.py"
+
+
 rule plot_table1:
     input:
         f"{RESULTS}/tables/table1.csv",

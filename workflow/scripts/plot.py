@@ -26,6 +26,7 @@ PLOTS = {
     "table1": lambda smk, out: plots.table1(*tables(smk), out),
     "training_curves": lambda smk, out: plots.training_curves(dict(zip(smk.params.names, tables(smk))), out),
     "grid": grid,
+    "summary_page": lambda smk, out: plots.summary_page(smk.input.summary, smk.input.figure2, out),
     "transfer": lambda smk, out: plots.transfer(*tables(smk), out),
     "robust_leakage": lambda smk, out: plots.robust_leakage(*tables(smk), out),
     "gaussian": lambda smk, out: plots.gaussian(*tables(smk), out),
