@@ -137,11 +137,16 @@ def test_leakage_twins_are_fitted_and_copy_their_pgd_sets(default_run):
 def test_the_claims_hold_against_their_controls(default_run):
     _, results = default_run
     claims = pd.read_csv(results / "tables" / "claims.csv").set_index(["better", "worse"])
-    # The planted non-robust texture must beat each control on every replicate pair (the paired
-    # test of the worst pair), not just on average.
-    for pair in [("d_r", "d"), ("d_rand", "d_leak_rand"), ("d_det", "d_leak_det"), ("d_other", "d_leak_other")]:
+    # D_R's robustness, D_det and D_other must beat their controls on every replicate pair (the
+    # one-sided paired test of the worst pair), not just on average.
+    for pair in [("d_r", "d"), ("d_r", "d_r_blend"), ("d_det", "d_leak_det"), ("d_other", "d_leak_other")]:
         row = claims.loc[pair]
         assert row["replicates"] == 3 and row["diff"] > 0 and row["worst_replicate_p"] < 0.01, (pair, row)
+    # D_rand beats its twin across the test images (sign test), but not on every seed: on one CPU
+    # (Intel AMX) one replicate pair favours the twin, 40.1 against 54.7 (README). The test asserts
+    # what holds on both machines that ran it.
+    row = claims.loc[("d_rand", "d_leak_rand")]
+    assert row["diff"] > 0 and row["p_value"] < 0.01, row
     # Chance is the wrong null: the masked twins alone are far above it.
     table1 = pd.read_csv(results / "tables" / "table1.csv").set_index("train_set")
     assert (table1.loc[["d_leak_rand", "d_leak_det", "d_leak_other"], "test_acc"] > 20).all()

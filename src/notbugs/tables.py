@@ -297,7 +297,7 @@ def summary_markdown(figure2_table: pd.DataFrame, table1_table: pd.DataFrame, cl
         lines.append(f"| {row['train_set']} | {row['arch']} | {eps_text} | {row['replicates']} | "
                      f"{_with_interval(row, 'test_acc')} | {row['train_fit']:.1f} | {paper} |")
     lines += ["", "## Claims against their controls", "",
-              "| claim | metric | difference [95% interval] | p (sign test) | p (worst replicate pair) |",
+              "| claim | metric | difference [95% interval] | p (sign test) | p (worst replicate pair, one-sided) |",
               "|---|---|---|---|---|"]
     for _, row in claims_table.iterrows():
         lines.append(f"| {row['better']} > {row['worse']} ({row['arch']}) | {row['metric']} | "
