@@ -46,12 +46,13 @@ def make_data_artifact(path: Path, n_train: int = 600, n_test: int = 200, seed: 
     return data.prepare(cfg, seed, path)
 
 
-def train_tiny_model(data_path: Path, out_dir: Path, epochs: int = 3, seed: int = 0) -> Path:
+def train_tiny_model(data_path: Path, out_dir: Path, epochs: int = 3, seed: int = 0, **train_overrides) -> Path:
     images, labels = hdf5.load_split(data_path, "train")
     with hdf5.open_artifact(data_path) as art:
         mean, std = art.attrs["mean"], art.attrs["std"]
     train.train(images, labels, arch="small_cnn", num_classes=10, mean=mean, std=std,
-                cfg=train_config(epochs=epochs), seed=seed, out_dir=out_dir, device=torch.device("cpu"))
+                cfg=train_config(epochs=epochs, **train_overrides), seed=seed, out_dir=out_dir,
+                device=torch.device("cpu"))
     return out_dir / "model.pt"
 
 

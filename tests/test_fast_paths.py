@@ -115,21 +115,16 @@ def test_compiled_model_gives_the_plain_attack_result():
 
 def _trained(tmp_path, precision, adversarial=None, seed=0):
     """A small_cnn trained on the tiny synthetic set in ``precision``; (model, test images, labels)."""
-    from helpers import make_data_artifact, train_config
-    from notbugs import hdf5, train
+    from helpers import make_data_artifact, train_tiny_model
+    from notbugs import hdf5
     from notbugs.batches import to_float
 
     data_path = tmp_path / "data.h5"
     if not data_path.exists():
         make_data_artifact(data_path, n_train=1000, n_test=400)
-    images, labels = hdf5.load_split(data_path, "train")
-    with hdf5.open_artifact(data_path) as art:
-        mean, std = art.attrs["mean"], art.attrs["std"]
-    out = tmp_path / f"{precision}-{bool(adversarial)}-{seed}"
-    cfg = train_config(epochs=6, lr=0.05, precision=precision, adversarial=adversarial)
-    train.train(images, labels, arch="small_cnn", num_classes=10, mean=mean, std=std, cfg=cfg, seed=seed,
-                out_dir=out, device=torch.device("cpu"))
-    model, _ = load_model(out / "model.pt")
+    checkpoint = train_tiny_model(data_path, tmp_path / f"{precision}-{bool(adversarial)}-{seed}", epochs=6,
+                                  seed=seed, lr=0.05, precision=precision, adversarial=adversarial)
+    model, _ = load_model(checkpoint)
     test_x, test_y = hdf5.load_split(data_path, "test")
     return model, to_float(torch.from_numpy(test_x)), torch.from_numpy(test_y)
 
@@ -148,8 +143,9 @@ def test_bf16_training_matches_float32_training_within_seed_noise(tmp_path):
     standard and for adversarial training; the weights it writes stay float32."""
     adversarial = complete("sources.robust.train.adversarial", {"eps": 0.5, "steps": 3, "step_size": 0.25})
     for adv in (None, adversarial):
-        f32 = [_accuracies(*_trained(tmp_path, "float32", adv, seed)[:3]) for seed in (0, 1)]
-        bf16 = _accuracies(*_trained(tmp_path, "bfloat16", adv, 0)[:3])
+        f32 = [_accuracies(*_trained(tmp_path, "float32", adv, seed)) for seed in (0, 1)]
+        bf16_run = _trained(tmp_path, "bfloat16", adv, 0)
+        bf16 = _accuracies(*bf16_run)
         print("adversarial" if adv else "standard", "float32 seeds 0, 1:", f32, "bfloat16 seed 0:", bf16)
         for metric in (0, 1):
             seed_noise = abs(f32[0][metric] - f32[1][metric])
@@ -157,5 +153,4 @@ def test_bf16_training_matches_float32_training_within_seed_noise(tmp_path):
         assert f32[0][0] > 0.5 and bf16[0] > 0.5
         if adv:
             assert bf16[1] > 0.2, bf16  # adversarial training in bf16 still buys robustness
-    model = _trained(tmp_path, "bfloat16", None, 0)[0]
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.dtype == torch.float32 for p in bf16_run[0].parameters())
