@@ -64,3 +64,19 @@ def test_inspect_reports_the_accuracies_of_a_predictions_file(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "predictions.h5")]) == 0
     out = capsys.readouterr().out
     assert "accuracy: clean 75.00%, robust at eps 0.25 25.00%" in out
+
+
+def test_bench_reports_every_contender_against_the_peak_of_its_precision(capsys):
+    """Structure, not speed: every contender appears with a positive rate, the bf16 rows are
+    measured against the bfloat16 peak, and the ratios are printed."""
+    assert main(["bench", "--arch", "small_cnn", "--batch", "16", "--steps", "2", "--seconds", "0.1",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP/s float32" in out and "GFLOP/s bfloat16" in out
+    for contender in ("notbugs PGD ", "notbugs PGD, bf16 autocast", "notbugs PGD, no fast paths",
+                      "reference PGD loop", "notbugs inversion", "notbugs training ",
+                      "notbugs training, bf16", "reference training loop"):
+        assert contender in out, contender
+    bf16_lines = [line for line in out.splitlines() if "bf16" in line and "% of the" in line]
+    assert len(bf16_lines) == 2 and all("of the bfloat16 peak" in line for line in bf16_lines)
+    assert "ratio bf16/float32 PGD" in out and "ratio notbugs/reference train" in out

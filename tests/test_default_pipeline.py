@@ -1,7 +1,8 @@
 """End to end: the README's default run reproduces the planted ground truth (issue acceptance).
 
-Runs the real default config.yaml (about 4–5 minutes on 2 cores) in a temporary directory, then
-checks the numbers in the run's own tables and reads the constructed sets with plain h5py.
+The session fixture ``default_run`` (conftest.py) runs the real default config.yaml (about 4
+minutes on 2 cores) in a temporary directory; these tests check the numbers in the run's own
+tables and read the constructed sets with plain h5py.
 """
 
 from __future__ import annotations
@@ -14,18 +15,8 @@ import torch
 import yaml
 
 from helpers import REPO
-from test_workflow import snakemake
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("default")
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    snakemake(workdir, config)
-    snakemake(workdir, config, "--report", str(workdir / "report.html"))
-    return workdir, workdir / "results" / config["dataset"]["name"]
 
 
 def test_default_run_produces_every_table_figure_and_the_report(default_run):

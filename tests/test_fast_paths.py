@@ -138,19 +138,24 @@ def _accuracies(model, x, y, eps=0.25):
 
 @pytest.mark.slow
 def test_bf16_training_matches_float32_training_within_seed_noise(tmp_path):
-    """Training in bfloat16 autocast (``train.precision``) moves a model's clean and robust test
-    accuracy by no more than two float32 seeds differ from each other (plus 3 points), for
-    standard and for adversarial training; the weights it writes stay float32."""
+    """Training in bfloat16 autocast (``train.precision``) moves the mean clean and robust test
+    accuracy over four seeds by no more than three standard errors of the difference of the two
+    means (plus 3 points), for standard and for adversarial training; the weights it writes stay
+    float32. (Seed noise is estimated from four seeds per precision: two seeds alone gave a
+    spread of 3.5 points on an AMD EPYC where six float32 seeds spread over 15.)"""
     adversarial = complete("sources.robust.train.adversarial", {"eps": 0.5, "steps": 3, "step_size": 0.25})
+    seeds = range(4)
     for adv in (None, adversarial):
-        f32 = [_accuracies(*_trained(tmp_path, "float32", adv, seed)) for seed in (0, 1)]
-        bf16_run = _trained(tmp_path, "bfloat16", adv, 0)
-        bf16 = _accuracies(*bf16_run)
-        print("adversarial" if adv else "standard", "float32 seeds 0, 1:", f32, "bfloat16 seed 0:", bf16)
-        for metric in (0, 1):
-            seed_noise = abs(f32[0][metric] - f32[1][metric])
-            assert abs(bf16[metric] - f32[0][metric]) <= seed_noise + 0.03, (adv, metric, f32, bf16)
-        assert f32[0][0] > 0.5 and bf16[0] > 0.5
+        runs = {precision: [_trained(tmp_path, precision, adv, seed) for seed in seeds]
+                for precision in ("float32", "bfloat16")}
+        accuracies = {precision: torch.tensor([_accuracies(*run) for run in trained])
+                      for precision, trained in runs.items()}
+        f32, bf16 = accuracies["float32"], accuracies["bfloat16"]
+        print("adversarial" if adv else "standard", "float32:", f32.tolist(), "bfloat16:", bf16.tolist())
+        difference = bf16.mean(0) - f32.mean(0)
+        standard_error = (f32.var(0) / len(seeds) + bf16.var(0) / len(seeds)).sqrt()
+        assert (difference.abs() <= 3 * standard_error + 0.03).all(), (adv, f32, bf16)
+        assert (f32[:, 0] > 0.5).all() and (bf16[:, 0] > 0.5).all()
         if adv:
-            assert bf16[1] > 0.2, bf16  # adversarial training in bf16 still buys robustness
-        assert all(p.dtype == torch.float32 for p in bf16_run[0].parameters())
+            assert (bf16[:, 1] > 0.2).all(), bf16  # adversarial training in bf16 still buys robustness
+        assert all(p.dtype == torch.float32 for run in runs["bfloat16"] for p in run[0].parameters())

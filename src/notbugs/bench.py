@@ -4,7 +4,8 @@ in one process on the same model, batch and device, printed as ratios.
 - PGD: notbugs' targeted L2 PGD vs torchattacks' PGDL2 (if installed) and a plain PyTorch loop.
 - Inversion: image-steps/s.
 - Training: img/s of notbugs' training step vs a plain reference loop.
-- FLOP/s of each, as a fraction of a peak measured in the same run (a large fp32 matmul).
+- FLOP/s of each, as a fraction of the peak of its own precision measured in the same run (a
+  large matmul and convolution in float32, and again in bfloat16 for the bf16 autocast rows).
   FLOPs per image come from ``torch.utils.flop_counter`` (forward); an attack step is counted
   as 2× forward (forward + input gradient), a training step as 3× forward.
 """
@@ -54,17 +55,17 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def peak_flops(device: torch.device, min_seconds: float = 1.0) -> float:
-    """The best of a large fp32 matmul and a large 3×3 convolution (NCHW and NHWC), measured now."""
+def peak_flops(device: torch.device, min_seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """The best of a large matmul and a large 3×3 convolution (NCHW and NHWC) in ``dtype``, measured now."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     n = 4096
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     matmul = _rate(lambda: (a @ b, sync()), 2 * n ** 3, min_seconds)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device)
-    x = torch.randn(32, 256, 32, 32, device=device)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(device, dtype)
+    x = torch.randn(32, 256, 32, 32, device=device, dtype=dtype)
     conv_flops = 2 * 32 * 256 * 256 * 9 * 32 * 32
     with torch.no_grad():
         conv_rate = _rate(lambda: (conv(x), sync()), conv_flops, min_seconds)
@@ -100,9 +101,10 @@ def reference_train_step(model, opt, x, y):
 def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, device: str = "cpu",
         min_seconds: float = 3.0, print_fn=print) -> list[dict]:
     dev = torch.device(device)
-    peak = peak_flops(dev)
-    print_fn(f"device {dev}, {torch.get_num_threads()} threads, measured fp32 peak {peak / 1e9:.1f} GFLOP/s "
-             f"(best of a 4096² matmul and a 256-channel 3×3 conv, NCHW or NHWC)")
+    peaks = {"float32": peak_flops(dev, min_seconds / 3), "bfloat16": peak_flops(dev, min_seconds / 3, torch.bfloat16)}
+    print_fn(f"device {dev}, {torch.get_num_threads()} threads, measured peak {peaks['float32'] / 1e9:.1f} GFLOP/s "
+             f"float32, {peaks['bfloat16'] / 1e9:.1f} GFLOP/s bfloat16 (best of a 4096² matmul and a "
+             f"256-channel 3×3 conv, NCHW or NHWC)")
     rows = []
     for arch in archs:
         torch.manual_seed(0)
@@ -118,14 +120,19 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         def ours():
             attacks.pgd(fast_model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
 
+        bf16_model = accelerate(model, complete("fast_paths", {"bf16_autocast": True}))
+
+        def ours_bf16():
+            attacks.pgd(bf16_model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
+
         def ours_plain():
             attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
 
         def reference():
             reference_pgd(model, x, y, eps, steps, step_size)
 
-        attack_fns = {"notbugs PGD": ours, "notbugs PGD, no fast paths": ours_plain,
-                      "reference PGD loop": reference}
+        attack_fns = {"notbugs PGD": ours, "notbugs PGD, bf16 autocast": ours_bf16,
+                      "notbugs PGD, no fast paths": ours_plain, "reference PGD loop": reference}
         try:
             import torchattacks
             ta = torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=False)
@@ -147,24 +154,31 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         train_model.train()
         ref_model.train()
         x_nhwc = attacks.channels_last(x)
+        bf16_train_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev).to(memory_format=torch.channels_last)
+        bf16_opt = torch.optim.SGD(bf16_train_model.parameters(), lr=0.01, momentum=0.9)
+        bf16_train_model.train()
         results.update(_interleaved_rates(
             {"notbugs training": lambda: train_step(train_model, opt, x_nhwc, y),
+             "notbugs training, bf16": lambda: train_step(bf16_train_model, bf16_opt, x_nhwc, y, bf16=True),
              "reference training loop": lambda: reference_train_step(ref_model, ref_opt, x, y)},
             batch, min_seconds))
         for name, rate in results.items():
             flops_per_unit = (3 if "training" in name else 2) * fwd
-            rows.append({"arch": arch, "what": name, "rate": rate,
+            precision = "bfloat16" if "bf16" in name else "float32"
+            rows.append({"arch": arch, "what": name, "rate": rate, "precision": precision,
                          "unit": "img/s" if "training" in name else "img-steps/s",
-                         "flop_utilisation": rate * flops_per_unit / peak})
+                         "flop_utilisation": rate * flops_per_unit / peaks[precision]})
         print_fn(f"\n{arch} (batch {batch}, {steps} steps, {fwd / 1e6:.1f} MFLOP forward per image)")
         for row in rows[-len(results):]:
-            print_fn(f"  {row['what']:<26} {row['rate']:>10.0f} {row['unit']:<12} "
-                     f"{100 * row['flop_utilisation']:5.1f}% of peak")
+            print_fn(f"  {row['what']:<28} {row['rate']:>10.0f} {row['unit']:<12} "
+                     f"{100 * row['flop_utilisation']:5.1f}% of the {row['precision']} peak")
         r = results
         print_fn(f"  ratio notbugs/reference PGD:   {r['notbugs PGD'] / r['reference PGD loop']:.2f}x")
         if "torchattacks PGDL2" in r:
             print_fn(f"  ratio notbugs/torchattacks:    {r['notbugs PGD'] / r['torchattacks PGDL2']:.2f}x")
         print_fn(f"  ratio notbugs/reference train: {r['notbugs training'] / r['reference training loop']:.2f}x")
+        print_fn(f"  ratio bf16/float32 PGD:        {r['notbugs PGD, bf16 autocast'] / r['notbugs PGD']:.2f}x, "
+                 f"training {r['notbugs training, bf16'] / r['notbugs training']:.2f}x")
     return rows
 
 
