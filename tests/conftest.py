@@ -1,5 +1,9 @@
 """Fixtures shared by several test modules."""
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -18,10 +22,20 @@ def one_thread():
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """The README's default run: the real config.yaml, run once per test session (tests of the
-    pipeline's numbers, the report and the SLURM run all read it). (workdir, results dir)."""
+    pipeline's numbers, the report and the SLURM run all read it). (workdir, results dir).
+
+    CI has just run the same pipeline from this checkout as the README's first command, and
+    names that working directory in NOTBUGS_FINISHED_DEFAULT_RUN: its results, logs and
+    Snakemake's provenance records are copied in (modification times kept), and Snakemake then
+    reruns whatever the copy lacks or what its rerun triggers (code, params, inputs) find stale,
+    which for a run of the same checkout is nothing."""
     from helpers import REPO
     from test_workflow import snakemake
     workdir = tmp_path_factory.mktemp("default")
+    finished = os.environ.get("NOTBUGS_FINISHED_DEFAULT_RUN")
+    if finished:
+        for part in ("results", "logs", ".snakemake/metadata"):
+            shutil.copytree(Path(finished) / part, workdir / part)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     snakemake(workdir, config)
     snakemake(workdir, config, "--report", str(workdir / "report.html"))

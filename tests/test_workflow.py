@@ -34,7 +34,9 @@ def tiny_config() -> dict:
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    # Key order kept: Snakemake compares a rule's params by their text, so a reordered copy of a
+    # config would count as changed params against a run made from the original file.
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     result = subprocess.run(cmd, capture_output=True, text=True)
