@@ -33,10 +33,17 @@ def tiny_config() -> dict:
     return config
 
 
+def write_config(workdir: Path, config: dict) -> Path:
+    """workdir/config.yaml, keys in the config's own order: Snakemake compares a rule's params by
+    their text, so a reordered copy of a config counts as changed params against a run made from
+    the original file."""
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # Key order kept: Snakemake compares a rule's params by their text, so a reordered copy of a
-    # config would count as changed params against a run made from the original file.
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_config(workdir, config)
     cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -137,7 +144,7 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
     import time
 
     config = tiny_config()
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    write_config(tmp_path, config)
     target = "results/tiny/sources/robust/model.pt"
     cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", target]
@@ -222,7 +229,7 @@ def test_jobs_run_in_an_environment_without_notbugs_installed(tmp_path):
     assert probe.returncode != 0 and "No module named 'notbugs'" in probe.stderr, probe.stderr
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    write_config(workdir, tiny_config())
     result = subprocess.run([str(python), "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
                              "--configfile", str(workdir / "config.yaml"), "--cores", "2",
                              "results/tiny/sources/standard/metrics.json"], capture_output=True, text=True, env=env)
