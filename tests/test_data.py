@@ -387,3 +387,23 @@ def test_channel_stats_scales_uint8():
     mean, std = data.channel_stats(imgs)
     assert mean == pytest.approx([0.0, 1.0, 0.0])
     assert std == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_running_channel_stats_match_the_whole_array():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (70, 3, 9, 7), dtype=np.uint8)
+    images[:, 2] //= 4  # channels with different means and spreads
+    running = data.RunningChannelStats()
+    for lo, hi in ((0, 1), (1, 28), (28, 28), (28, 69), (69, 70)):  # uneven batches, one empty
+        running.update(images[lo:hi])
+    x = images.astype(np.float64) / 255
+    mean, std = running.result()
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(std, data.channel_stats(images)[1], rtol=1e-5)
+    floats = rng.random((20, 3, 4, 4)).astype(np.float32)
+    running = data.RunningChannelStats()
+    running.update(floats[:7]), running.update(floats[7:])
+    np.testing.assert_allclose(running.result()[0], floats.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-12)
+    with pytest.raises(ValueError, match="no images"):
+        data.RunningChannelStats().result()

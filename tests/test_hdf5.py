@@ -407,3 +407,132 @@ def test_chunked_writer_rejects_wrong_columns(tmp_path):
         w.append(rows)
     assert w.rows_done == 0
     w.close()
+
+
+
+# --------------------------------------------------------------------------- ArtifactWriter
+
+def test_chunk_rows_keep_small_images_at_256_and_large_ones_near_4_mib(tmp_path):
+    assert hdf5.chunk_rows((3, 32, 32), "uint8") == hdf5.ROWS_PER_CHUNK == 256
+    assert hdf5.chunk_rows((3, 32, 32), "float32") == 256
+    assert hdf5.chunk_rows((), "int64") == 256
+    assert hdf5.chunk_rows((3, 224, 224), "uint8") == 4 * 1024 * 1024 // (3 * 224 * 224) == 27
+    assert hdf5.chunk_rows((3, 224, 224), "float32") == 6
+    assert hdf5.chunk_rows((3, 2048, 2048), "float32") == 1
+    cols = {"images": np.zeros((40, 3, 224, 224), np.uint8), "labels": np.zeros(40, np.int64)}
+    path = write_artifact(tmp_path / "big.h5", kind="data", splits={"train": cols, "test": cols},
+                          class_names=CLASSES, config={}, seed=0, source="s")
+    with h5py.File(path, "r") as f:
+        assert f["train/images"].chunks == (27, 3, 224, 224)
+        assert f["train/labels"].chunks == (40,)
+
+
+DATA_COLUMNS = {"images": ColumnSpec((3, 8, 8), "uint8"), "labels": ColumnSpec((), "int64"),
+                "imagenet_index": ColumnSpec((), "int64")}
+DATA_FINISH = dict(class_names=CLASSES, config={"name": "x"}, seed=7, source="streamed",
+                   extra_attrs={"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
+
+
+def _data_columns(n, seed):
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8),
+            "labels": rng.integers(0, len(CLASSES), n).astype(np.int64),
+            "imagenet_index": rng.integers(0, 1000, n).astype(np.int64)}
+
+
+def test_artifact_writer_streams_every_split(tmp_path):
+    sizes = {"train": 300, "test": 40, "val": 9}
+    cols = {split: _data_columns(n, i) for i, (split, n) in enumerate(sizes.items())}
+    path = tmp_path / "results" / "data.h5"
+    with hdf5.ArtifactWriter(path, "data", sizes, DATA_COLUMNS) as w:
+        assert w.chunk_rows() == 256 and not w.done
+        for split, n in sizes.items():
+            for lo in range(0, n, 70):
+                w.append(split, _rows(cols[split], lo, min(lo + 70, n)))
+                assert not path.exists() and partial_path(path).exists()
+        assert w.done
+        assert w.finish(**DATA_FINISH) == path
+    assert not partial_path(path).exists()
+    with open_artifact(path, kind="data") as art:
+        assert sorted(art.splits) == ["test", "train", "val"]
+        assert art.class_names == CLASSES and art.attrs["std"] == [0.4, 0.5, 0.6] and art.attrs["seed"] == 7
+        for split in sizes:
+            for name, arr in cols[split].items():
+                np.testing.assert_array_equal(art.split(split)[name][:], arr)
+    # the same file write_artifact makes from the whole arrays
+    one_go = write_artifact(tmp_path / "one_go.h5", kind="data", splits=cols, **DATA_FINISH)
+    with h5py.File(path, "r") as a, h5py.File(one_go, "r") as b:
+        assert {k for k in a.attrs if k != "created"} == {k for k in b.attrs if k != "created"}
+        for split in sizes:
+            for name in cols[split]:
+                da, db = a[split][name], b[split][name]
+                assert da.dtype == db.dtype and da.chunks == db.chunks and da.compression == db.compression
+
+
+def test_artifact_writer_leaves_nothing_when_it_fails(tmp_path):
+    path = tmp_path / "data.h5"
+    cols = _data_columns(20, 0)
+    with pytest.raises(RuntimeError, match="decoding failed"):
+        with hdf5.ArtifactWriter(path, "data", {"train": 20, "test": 20}, DATA_COLUMNS) as w:
+            w.append("train", cols)
+            raise RuntimeError("decoding failed")
+    assert not path.exists() and not partial_path(path).exists()
+    with hdf5.ArtifactWriter(path, "data", {"train": 20, "test": 20}, DATA_COLUMNS) as w:
+        w.append("train", cols)
+        w.append("test", _rows(cols, 0, 5))
+        with pytest.raises(RuntimeError, match="test 5/20"):
+            w.finish(**DATA_FINISH)
+        with pytest.raises(ValueError, match="overflows"):
+            w.append("test", cols)
+        with pytest.raises(ValueError, match="columns"):
+            w.append("test", {"images": cols["images"], "labels": cols["labels"]})
+        with pytest.raises(ValueError, match="no split 'val'"):
+            w.append("val", cols)
+    assert not path.exists() and not partial_path(path).exists()  # left without finish: deleted
+    # labels outside the classes: refused at finish, nothing left behind
+    bad = dict(cols, labels=np.full(20, len(CLASSES), np.int64))
+    with hdf5.ArtifactWriter(path, "data", {"train": 20, "test": 20}, DATA_COLUMNS) as w:
+        w.append("train", bad)
+        w.append("test", cols)
+        with pytest.raises(ValueError, match="labels' outside"):
+            w.finish(**DATA_FINISH)
+    assert not path.exists() and not partial_path(path).exists()
+
+
+def test_artifact_writer_rejects_bad_layouts(tmp_path):
+    with pytest.raises(ValueError, match="needs splits"):
+        hdf5.ArtifactWriter(tmp_path / "d.h5", "data", {"train": 3}, DATA_COLUMNS)
+    with pytest.raises(ValueError, match="column 'images'"):
+        hdf5.ArtifactWriter(tmp_path / "d.h5", "data", {"train": 3, "test": 3}, {"labels": ColumnSpec((), "int64")})
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        hdf5.ArtifactWriter(tmp_path / "d.h5", "data", {"train": 3, "test": 3},
+                            {**DATA_COLUMNS, "images": ColumnSpec((3, 8, 8), "float64")})
+    with pytest.raises(ValueError, match="int64"):
+        hdf5.ArtifactWriter(tmp_path / "d.h5", "data", {"train": 3, "test": 3},
+                            {**DATA_COLUMNS, "labels": ColumnSpec((), "int32")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_artifact_writer_leaves_no_finished_file(tmp_path):
+    from helpers import run_and_kill
+    path = tmp_path / "data.h5"
+    partial_path(path).write_bytes(b"an older killed run's leftover")
+    code = f"""
+import time, numpy as np
+from notbugs import hdf5
+cols = {{"images": hdf5.ColumnSpec((3, 8, 8), "uint8"), "labels": hdf5.ColumnSpec((), "int64")}}
+w = hdf5.ArtifactWriter({str(path)!r}, "data", {{"train": 10, "test": 10}}, cols)
+w.append("train", {{"images": np.zeros((10, 3, 8, 8), np.uint8), "labels": np.zeros(10, np.int64)}})
+print("train written", flush=True)
+time.sleep(60)
+"""
+    run_and_kill(code, trigger="train written")
+    assert not path.exists() and partial_path(path).exists()
+    # a rerun starts afresh and finishes normally
+    with hdf5.ArtifactWriter(path, "data", {"train": 10, "test": 10}, DATA_COLUMNS) as w:
+        cols = _data_columns(10, 1)
+        w.append("train", cols)
+        w.append("test", cols)
+        w.finish(**DATA_FINISH)
+    images, _ = load_split(path, "test", kind="data")
+    np.testing.assert_array_equal(images, cols["images"])

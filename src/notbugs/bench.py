@@ -203,6 +203,11 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
     return rows
 
 
+_PEAK_RSS = """
+# The child's own high-water mark: a parent's rusage would include the pages it shared at fork.
+print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+"""
+
 _CONSTRUCT_CHILD = """
 import sys, torch
 torch.set_num_threads(1)
@@ -211,13 +216,25 @@ from notbugs.construct import construct
 cfg = complete("constructions.bench", dict(method="pgd", source="s", target="next", eps=0.5, steps=2, step_size=0.1))
 construct("bench", cfg, data_path=sys.argv[1], source_checkpoint=sys.argv[2], output=sys.argv[3],
           seed=0, device=torch.device("cpu"), chunk_size=256, fast=complete("fast_paths"))
-# The child's own high-water mark: a parent's rusage would include the pages it shared at fork.
-print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
-"""
+""" + _PEAK_RSS
+
+_TRAIN_CHILD = """
+import sys, torch
+torch.set_num_threads(1)
+from notbugs.config import complete
+from notbugs.train import job_spec, run_job
+cfg = complete("targets.train", dict(epochs=1, batch_size=128, loader=sys.argv[4], shuffle_window=1024))
+job = job_spec(rule="bench", data=sys.argv[1], train_set=sys.argv[1], arch="small_cnn", train_cfg=cfg, seeds=[0],
+               out_dirs=[sys.argv[3]], validation=complete("validation"), device="cpu", threads=1)
+run_job(job, torch.device("cpu"))
+""" + _PEAK_RSS
+
+MEMORY_JOBS = ("construction", "training, loader stream", "training, loader memory")
 
 
-def construction_peak_rss(n: int, workdir, print_fn=print) -> dict:
-    """Peak RSS (MiB) of a construction job over n and 4n training images, each in a fresh process."""
+def peak_rss(n: int, workdir, print_fn=print, jobs=MEMORY_JOBS) -> dict[str, dict[int, float]]:
+    """Peak RSS (MiB) of a construction job and of a training job (streamed, and in memory for
+    contrast) over n and 4n training images, each run in a fresh process."""
     import subprocess
     import sys
     from pathlib import Path
@@ -229,13 +246,25 @@ def construction_peak_rss(n: int, workdir, print_fn=print) -> dict:
     model = build_model("small_cnn", 10, [0.5] * 3, [0.25] * 3)
     checkpoint = workdir / "model.pt"
     save_checkpoint(checkpoint, model, arch="small_cnn", num_classes=10, mean=[0.5] * 3, std=[0.25] * 3, config={})
-    peaks = {}
+    peaks: dict[str, dict[int, float]] = {job: {} for job in jobs}
     for size in (n, 4 * n):
         data_path = workdir / f"data_{size}.h5"
         prepare(complete("dataset", {"name": "bench", "source": "synthetic", "n_train": size, "n_test": 100}), 0, data_path)
-        done = subprocess.run([sys.executable, "-c", _CONSTRUCT_CHILD, str(data_path), str(checkpoint),
-                               str(workdir / f"out_{size}.h5")], capture_output=True, text=True, check=True)
-        peaks[size] = int(done.stdout.split()[-1]) / 1024  # VmHWM is in KiB
-        print_fn(f"construction over {size:>6} images: peak RSS {peaks[size]:7.1f} MiB")
-    print_fn(f"ratio peak RSS 4N/N: {peaks[4 * n] / peaks[n]:.3f}")
+        for job in jobs:
+            out = workdir / f"{job.replace(' ', '').replace(',', '_')}_{size}"
+            if job == "construction":
+                args = ["-c", _CONSTRUCT_CHILD, str(data_path), str(checkpoint), str(out) + ".h5"]
+            else:
+                args = ["-c", _TRAIN_CHILD, str(data_path), "unused", str(out), job.split()[-1]]
+            done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{job} over {size} images failed:\n{done.stderr[-3000:]}")
+            peaks[job][size] = int(done.stdout.split()[-1]) / 1024  # VmHWM is in KiB
+    data_mib = {size: (workdir / f"data_{size}.h5").stat().st_size / 2 ** 20 for size in (n, 4 * n)}
+    print_fn(f"peak RSS (MiB) over N = {n} and 4N = {4 * n} synthetic float32 training images "
+             f"(data files {data_mib[n]:.0f} and {data_mib[4 * n]:.0f} MiB, gzip; "
+             f"{4 * n * 3 * 32 * 32 * 4 / 2 ** 20:.0f} MiB of images at 4N)")
+    print_fn(f"{'job':<28} {'N':>9} {'4N':>9} {'4N/N':>7}")
+    for job, peak in peaks.items():
+        print_fn(f"{job:<28} {peak[n]:9.1f} {peak[4 * n]:9.1f} {peak[4 * n] / peak[n]:7.3f}")
     return peaks

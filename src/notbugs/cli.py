@@ -93,7 +93,7 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.memory:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            bench.construction_peak_rss(args.memory, tmp)
+            bench.peak_rss(args.memory, tmp)
         return 0
     bench.run(archs=args.arch, batch=args.batch, steps=args.steps, device=args.device,
               min_seconds=args.seconds)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     b.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
     b.add_argument("--memory", type=int, metavar="N", default=0,
-                   help="instead: peak RSS of a construction over N and 4N images")
+                   help="instead: peak RSS of a construction and of training over N and 4N images")
     b.set_defaults(func=bench_command)
     args = parser.parse_args(argv)
     try:

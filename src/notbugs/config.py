@@ -23,6 +23,7 @@ LINEAR_SOURCE = "linear_robust"    # robust_leakage study
 RELABEL_SOURCE = "brief"           # rebuttals study: the briefly trained model that relabels
 RELABEL_SET = "d_relabel"
 TARGETED_ATTACK_METHODS = ("pgd", "nontransferable")  # pinned to construct.METHODS by a test
+RESTRICTED_IMAGENET_CLASSES = 9  # len(data.RESTRICTED_IMAGENET_RANGES), pinned by a test (data imports torch)
 
 
 class ConfigError(ValueError):
@@ -218,13 +219,15 @@ def expand_studies(config: dict) -> bool:
 
 
 def natural_classes(dataset: Mapping) -> int | None:
-    """The class count of a natural dataset, where it is known before loading: CIFAR-10's ten, an
-    ImageFolder's class folders (None if its root is unreadable, and for synthetic data, whose
-    draws need no balancing)."""
+    """The class count of a natural dataset, where it is known before loading: CIFAR-10's ten,
+    Restricted ImageNet's nine super-classes, an ImageFolder's class folders (None if its root is
+    unreadable, and for synthetic data, whose draws need no balancing)."""
     if dataset["source"] == "synthetic":
         return None
     if dataset["source"] == "cifar10":
         return 10
+    if dataset["source"] == "restricted_imagenet":
+        return RESTRICTED_IMAGENET_CLASSES
     train = Path(dataset["root"]) / "train"
     return sum(1 for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
 
@@ -236,6 +239,17 @@ def check_dataset(dataset: Mapping) -> None:
             if not (Path(dataset["root"]) / split).is_dir():
                 raise ConfigError(f"config key 'dataset.root': {Path(dataset['root']).resolve() / split} is not a "
                                   "directory; an imagefolder root holds train/<class>/* and test/<class>/*")
+    if dataset["source"] == "restricted_imagenet":
+        for split in ("train", "val"):
+            if not (Path(dataset["root"]) / split).is_dir():
+                raise ConfigError(f"config key 'dataset.root': {Path(dataset['root']).resolve() / split} is not a "
+                                  "directory; a restricted_imagenet root is an ImageNet tree holding "
+                                  "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+        settings = dataset["restricted_imagenet"]
+        if settings["resize"] < settings["resolution"]:
+            raise ConfigError(f"config key 'dataset.restricted_imagenet.resize': {settings['resize']} is smaller "
+                              f"than resolution {settings['resolution']}; the shorter side is resized to `resize` "
+                              "before a centre crop of `resolution`")
     n_classes = natural_classes(dataset)
     for key in ("n_train", "n_test", "n_val"):
         if n_classes and dataset[key] and dataset[key] % n_classes:

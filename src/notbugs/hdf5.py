@@ -10,17 +10,23 @@ Layout (format version 1), readable with nothing but h5py::
     /<split>/images         (N, C, H, W) uint8 for natural data, float32 for anything perturbed
     /<split>/labels         (N,) int64, the label a model is trained/tested with
     /<split>/<column>       (N, ...) optional per-example columns, e.g. for constructed sets:
-                            orig_index, orig_label, loss, perturbation_norm, target_reached
+                            orig_index, orig_label, loss, perturbation_norm, target_reached;
+                            for Restricted ImageNet data: imagenet_index (the image's ImageNet-1k
+                            class index, its position in the sorted list of the 1000 wnids)
 
 ``kind`` is "data" (splits ``train`` and ``test``, and ``val`` if held out), "constructed" (split ``train``) or
 "evaluation" (split ``test``, no images: per-example predictions of one model on the data's
 test split, with columns clean_pred and, per attack radius ε, robust_pred_eps<ε> and
 adv_norm_eps<ε>).
-Every dataset is chunked along N and gzip-compressed so readers can stream it.
+Every dataset is chunked along N and gzip-compressed so readers can stream it. A chunk holds
+``ROWS_PER_CHUNK`` (256) rows, fewer when that would exceed ``CHUNK_BYTES`` (4 MiB): 256 rows for
+CIFAR-sized images, 27 rows of 3×224×224 uint8 images.
 
 Writes are atomic: a file only ever appears under its final name once complete.
-:class:`ChunkedWriter` additionally survives being killed: it fills a ``.partial`` file
-chunk by chunk and a rerun with the same fingerprint continues after the last finished chunk.
+:class:`ArtifactWriter` streams a whole artifact (every split) that need not fit in memory, chunk
+by chunk, into a ``.partial`` file that is renamed only when every row is written.
+:class:`ChunkedWriter` fills one split and additionally survives being killed: a rerun with the
+same fingerprint continues after the last finished chunk.
 """
 
 from __future__ import annotations
@@ -45,15 +51,31 @@ OPTIONAL_SPLITS = {"data": ("val",)}  # checked like the others when present
 IMAGELESS_KINDS = ("evaluation",)
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 ROWS_PER_CHUNK = 256
+CHUNK_BYTES = 4 * 1024 * 1024  # a chunk stays a few MB however large one row is
+CHUNK_CACHE_BYTES = 16 * 1024 * 1024  # per dataset, so a partly written chunk stays cached
 
 
 class ArtifactError(ValueError):
     """An HDF5 file that is missing, foreign, truncated or not laid out as notbugs writes it."""
 
 
-def _dataset_kwargs(shape: tuple[int, ...]) -> dict:
-    chunk = (max(1, min(ROWS_PER_CHUNK, shape[0])),) + tuple(shape[1:])
+def chunk_rows(row_shape: Sequence[int], dtype) -> int:
+    """Rows per HDF5 chunk for rows of ``row_shape`` and ``dtype``: ``ROWS_PER_CHUNK``, or fewer so
+    that a chunk stays within ``CHUNK_BYTES`` (at least one row)."""
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return max(1, min(ROWS_PER_CHUNK, CHUNK_BYTES // max(1, row_bytes)))
+
+
+def _dataset_kwargs(shape: tuple[int, ...], dtype) -> dict:
+    chunk = (max(1, min(chunk_rows(shape[1:], dtype), shape[0])),) + tuple(shape[1:])
     return dict(chunks=chunk, compression="gzip", compression_opts=1, shuffle=True)
+
+
+def _create_split(f: h5py.File, split: str, n_rows: int, columns: Mapping[str, "ColumnSpec"]) -> None:
+    group = f.create_group(split)
+    for name, spec in columns.items():
+        shape = (n_rows,) + tuple(spec.shape)
+        group.create_dataset(name, shape=shape, dtype=spec.dtype, **_dataset_kwargs(shape, spec.dtype))
 
 
 def _write_root_attrs(f: h5py.File, kind: str, config: Mapping, seed: int, source: str,
@@ -104,7 +126,7 @@ def write_artifact(path: str | os.PathLike, *, kind: str, splits: Mapping[str, M
                 arr = np.asarray(arr)
                 if name == "labels":
                     arr = arr.astype(np.int64)
-                group.create_dataset(name, data=arr, **_dataset_kwargs(arr.shape))
+                group.create_dataset(name, data=arr, **_dataset_kwargs(arr.shape, arr.dtype))
     return path
 
 
@@ -159,10 +181,7 @@ class ChunkedWriter:
         f = h5py.File(self._partial, "w")
         f.attrs["fingerprint"] = self.fingerprint
         f.attrs["rows_done"] = 0
-        group = f.create_group(self.split)
-        for name, spec in self.columns.items():
-            shape = (self.n_rows,) + tuple(spec.shape)
-            group.create_dataset(name, shape=shape, dtype=spec.dtype, **_dataset_kwargs(shape))
+        _create_split(f, self.split, self.n_rows, self.columns)
         f.flush()
         return f
 
@@ -210,6 +229,118 @@ class ChunkedWriter:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+
+
+class ArtifactWriter:
+    """Stream a whole artifact, every split, into a file that need not fit in memory.
+
+    The datasets are created up front with their final row counts (``splits``: rows per split;
+    ``columns``: per-example shape and dtype of each column, the same in every split) inside
+    ``<path>.partial``, and :meth:`append` fills each split in order, a block of rows at a time
+    (blocks of :meth:`chunk_rows` rows write whole HDF5 chunks). :meth:`finish` writes the root
+    attributes and ``class_names``, checks the layout as a reader would, and only then renames
+    the file to ``path``. Used as a context manager, leaving the block without :meth:`finish`
+    (an exception, Ctrl-C) deletes the partial file; a killed process leaves at most the
+    ``.partial`` file, never a finished-looking one, and the next writer starts it afresh.
+    Unlike :class:`ChunkedWriter` it does not resume. Typical use::
+
+        columns = {"images": ColumnSpec((3, 224, 224), "uint8"), "labels": ColumnSpec((), "int64")}
+        with ArtifactWriter(path, "data", {"train": n_train, "test": n_test}, columns) as w:
+            for split, block in blocks:          # block: {column: rows}, in row order per split
+                w.append(split, block)
+            w.finish(class_names=names, config=cfg, seed=seed, source="...", extra_attrs={...})
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: str, splits: Mapping[str, int],
+                 columns: Mapping[str, ColumnSpec]):
+        if kind not in KINDS:
+            raise ValueError(f"unknown artifact kind {kind!r}; expected one of {sorted(KINDS)}")
+        missing = set(KINDS[kind]) - set(splits)
+        if missing:
+            raise ValueError(f"a {kind!r} artifact needs splits {sorted(missing)}")
+        required = ("labels",) if kind in IMAGELESS_KINDS else ("images", "labels")
+        for name in required:
+            if name not in columns:
+                raise ValueError(f"a {kind!r} artifact needs a column {name!r}")
+        if "images" in columns and (len(columns["images"].shape) != 3
+                                    or np.dtype(columns["images"].dtype) not in IMAGE_DTYPES):
+            raise ValueError(f"images must be N×C×H×W uint8 or float32, got rows of "
+                             f"{columns['images'].shape} {columns['images'].dtype}")
+        if np.dtype(columns["labels"].dtype) != np.int64 or tuple(columns["labels"].shape) != ():
+            raise ValueError("labels must be one int64 per row")
+        self.path = Path(path)
+        self.kind = kind
+        self.n_rows = {split: int(n) for split, n in splits.items()}
+        self.columns = dict(columns)
+        self.rows_done = {split: 0 for split in splits}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = partial_path(self.path)
+        self._partial.unlink(missing_ok=True)  # a killed earlier run's leftover
+        self._file = h5py.File(self._partial, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        try:
+            for split, n in self.n_rows.items():
+                _create_split(self._file, split, n, self.columns)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file.id.valid or self._partial.exists():
+            self.abort()
+
+    def chunk_rows(self, column: str = "images") -> int:
+        """Rows per HDF5 chunk of ``column`` (in the largest split)."""
+        spec = self.columns[column]
+        return max(1, min(chunk_rows(spec.shape, spec.dtype), max(self.n_rows.values())))
+
+    @property
+    def done(self) -> bool:
+        return all(self.rows_done[s] >= n for s, n in self.n_rows.items())
+
+    def append(self, split: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write the next rows of ``split``: one array per column, all of the same length."""
+        if split not in self.n_rows:
+            raise ValueError(f"{self.path}: no split {split!r} (splits: {sorted(self.n_rows)})")
+        if set(arrays) != set(self.columns):
+            raise ValueError(f"{self.path}: columns {sorted(arrays)} != {sorted(self.columns)}")
+        lengths = {len(arr) for arr in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{self.path}: columns of different lengths {sorted(lengths)}")
+        n = lengths.pop()
+        start, stop = self.rows_done[split], self.rows_done[split] + n
+        if stop > self.n_rows[split]:
+            raise ValueError(f"{self.path}: appending {n} rows to {split!r} overflows {self.n_rows[split]}")
+        group = self._file[split]
+        for name, arr in arrays.items():
+            group[name][start:stop] = arr
+        self.rows_done[split] = stop
+
+    def finish(self, *, class_names: Sequence[str], config: Mapping, seed: int, source: str,
+               extra_attrs: Mapping | None = None) -> Path:
+        """Write the root attributes and class names, check the layout, rename to ``path``."""
+        if not self.done:
+            progress = ", ".join(f"{s} {self.rows_done[s]}/{n}" for s, n in self.n_rows.items())
+            raise RuntimeError(f"{self.path}: not every row is written ({progress})")
+        f = self._file
+        _write_root_attrs(f, self.kind, config, seed, source, extra_attrs)
+        f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
+        try:
+            _check_layout(self.path, f, self.kind)
+        except ArtifactError as exc:
+            self.abort()
+            raise ValueError(f"refusing to finish an invalid artifact: {exc}") from exc
+        f.close()
+        os.replace(self._partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the partial file (nothing appears under ``path``)."""
+        if self._file.id.valid:
+            self._file.close()
+        self._partial.unlink(missing_ok=True)
 
 
 class Split:

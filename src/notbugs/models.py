@@ -173,14 +173,17 @@ def _resnet_blocks():
     return Basic, Bottle
 
 
-def _cifar_resnet(depth: int) -> tuple[nn.Module, int]:
+def _resnet(depth: int, stem: str) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-18/50 body. ``stem`` "cifar": 3x3 stride 1 and no max-pool, so a
+    32x32 input ends at 4x4 before pooling; "imagenet": torchvision's own 7x7 stride-2 stem and
+    max-pool, for 224 px inputs (a 224 px image ends at 7x7)."""
     import torchvision.models as tvm
     basic, bottleneck = _resnet_blocks()
     block, layers = {18: (basic, [2, 2, 2, 2]), 50: (bottleneck, [3, 4, 6, 3])}[depth]
     net = tvm.ResNet(block, layers)
-    # CIFAR stem: 3x3 stride 1 and no max-pool, so a 32x32 input ends at 4x4 before pooling.
-    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    net.maxpool = nn.Identity()
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feature_dim
@@ -210,8 +213,10 @@ ARCHITECTURES: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "cifar_net_wide": lambda: cifar_net((64, 128, 256), stem=32),
     "mlp": mlp,
     "linear": linear,
-    "resnet18": lambda: _cifar_resnet(18),
-    "resnet50": lambda: _cifar_resnet(50),
+    "resnet18": lambda: _resnet(18, "cifar"),
+    "resnet50": lambda: _resnet(50, "cifar"),
+    "resnet18_imagenet": lambda: _resnet(18, "imagenet"),
+    "resnet50_imagenet": lambda: _resnet(50, "imagenet"),
     "vgg16": _vgg16,
     "densenet121": _densenet121,
 }

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Iterator
 
 
-def start_logging(log_path: str | Path | None) -> None:
-    """Send logging and stderr (tqdm's progress bars) to ``log_path``; echo log lines to stdout."""
+def start_logging(log_path: str | Path | None, prefix: str = "") -> None:
+    """Send logging and stderr (tqdm's progress bars) to ``log_path``; echo log lines to stdout.
+    ``prefix`` starts every line (e.g. the rank of a distributed job)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         stream = open(log_path, "a", buffering=1)
         sys.stderr = stream
         handlers.append(logging.StreamHandler(stream))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    logging.basicConfig(level=logging.INFO, format=(prefix + " " if prefix else "") + "%(asctime)s %(name)s %(levelname)s %(message)s",
                         handlers=handlers, force=True)
 
 
@@ -44,6 +45,16 @@ def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto
     resolved = resolve_device(device)
     logging.getLogger("notbugs").info("device %s, %d CPU threads", resolved, torch.get_num_threads())
     return resolved
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so that the ranks of a distributed
+    job do not outlive a killed job and race its rerun. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def partial_path(path: str | Path) -> Path:

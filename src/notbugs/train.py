@@ -10,6 +10,17 @@ shuffle, augmentation and attack starts from a generator seeded by (seed, epoch)
 checkpointed after each epoch, so a killed run that is restarted continues from the last
 finished epoch and ends with the same weights as an uninterrupted run (on CPU). The result is
 always the *last* epoch; nothing is selected on the test set.
+
+Data that does not fit in memory (``loader: stream``): the training split is read from its HDF5
+file in whole chunks. Each epoch shuffles the chunks, groups them into windows of about
+``shuffle_window`` rows and shuffles the rows inside each window, so at most two windows are in
+memory whatever the size of the set. ``loader: memory`` (the default) holds the whole split on
+the device and shuffles it as one window.
+
+Several processes (``processes`` > 1): :func:`run_job` runs as one rank of a
+``torchrun`` launch (:func:`launch_distributed`) and trains with DistributedDataParallel. Every
+rank draws the same epoch order and trains on its slice of each batch, so one step still sees
+``batch_size`` examples; rank 0 validates, checkpoints and writes the model.
 """
 
 from __future__ import annotations
@@ -31,11 +42,12 @@ from tqdm import tqdm
 
 from notbugs import attacks
 from notbugs.batches import classes, to_float
+from notbugs.hdf5 import ROWS_PER_CHUNK
 from notbugs.models import build_model, save_checkpoint
 from notbugs.runtime import atomic_write
-from notbugs.sampling import epoch_generator
+from notbugs.sampling import derived_seed, epoch_generator
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("notbugs.train")  # also when run as a torchrun rank (__main__)
 LOG_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_acc", "val_robust_acc", "seconds"]
 
 
@@ -91,41 +103,153 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Gene
     return torch.randperm(n, generator=gen), gen
 
 
-def predictions(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's classes for un-augmented images in eval mode, the model left as it was."""
+def windowed_order(n: int, block: int, window_blocks: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, list[list[int]]]:
+    """A row order that visits whole blocks of ``block`` consecutive rows in a random order,
+    ``window_blocks`` at a time, and shuffles the rows within each such window; and the blocks
+    of each window."""
+    n_blocks = math.ceil(n / block)
+    blocks = torch.randperm(n_blocks, generator=generator).tolist()
+    pieces, windows = [], []
+    for lo in range(0, n_blocks, window_blocks):
+        windows.append(sorted(blocks[lo:lo + window_blocks]))
+        rows = torch.cat([torch.arange(b * block, min(n, (b + 1) * block)) for b in blocks[lo:lo + window_blocks]])
+        pieces.append(rows[torch.randperm(len(rows), generator=generator)])
+    return torch.cat(pieces), windows
+
+
+class InMemoryRows:
+    """The whole training split as one tensor on the device."""
+
+    def __init__(self, images, device: torch.device):
+        self.images = torch.from_numpy(np.asarray(images)).to(device)
+
+    def epoch_order(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        return epoch_order(seed, epoch, len(self.images))
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.images[rows.to(self.images.device)]
+
+
+class StreamedRows:
+    """The training split read from an array or HDF5 dataset a window of whole chunks at a time.
+    At most the blocks of two windows are held: the window being read and the tail of the last."""
+
+    def __init__(self, images, window_rows: int, device: torch.device):
+        self.images, self.device = images, device
+        chunks = getattr(images, "chunks", None)
+        self.block = chunks[0] if chunks else ROWS_PER_CHUNK
+        self.window_blocks = max(1, window_rows // self.block)
+        self.cache: dict[int, np.ndarray] = {}
+        self.spare: list[np.ndarray] = []
+
+    def epoch_order(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        gen = epoch_generator(seed, epoch)
+        order, windows = windowed_order(len(self.images), self.block, self.window_blocks, gen)
+        # A window's blocks are read together when the first of them is asked for.
+        self.window_of = {b: window for window in windows for b in window}
+        self.spare += self.cache.values()
+        self.cache.clear()
+        return order, gen
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.numpy()
+        blocks = rows // self.block
+        needed = set(blocks.tolist())
+        missing = needed - set(self.cache)
+        if missing:
+            incoming = {b for m in missing for b in self.window_of[m]}
+            for b in set(self.cache) - needed - incoming:
+                self.spare.append(self.cache.pop(b))
+            for b in sorted(incoming - set(self.cache)):
+                self.cache[b] = self._read_block(b)
+        out = np.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
+        for b in needed:
+            here = blocks == b
+            out[here] = self.cache[b][rows[here] - b * self.block]
+        return torch.from_numpy(out).to(self.device)
+
+    def _read_block(self, b: int) -> np.ndarray:
+        # Into a reused buffer: a fresh array per block fragments the heap, and the job's memory
+        # then creeps up with the number of blocks read.
+        buffer = self.spare.pop() if self.spare else np.empty((self.block,) + tuple(self.images.shape[1:]),
+                                                              dtype=self.images.dtype)
+        lo, hi = b * self.block, min(len(self.images), (b + 1) * self.block)
+        if hasattr(self.images, "read_direct"):
+            self.images.read_direct(buffer, np.s_[lo:hi], np.s_[0:hi - lo])
+        else:
+            buffer[:hi - lo] = self.images[lo:hi]
+        return buffer
+
+
+def training_rows(images, cfg: Mapping, device: torch.device):
+    """How the training loop reads ``images`` (an array or an h5py dataset) under ``cfg['loader']``."""
+    if cfg["loader"] == "stream":
+        return StreamedRows(images, cfg["shuffle_window"], device)
+    return InMemoryRows(images[:] if not isinstance(images, np.ndarray) else images, device)
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of the running torch.distributed job; (0, 1) outside one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(*values: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+    packed = torch.stack([v.double() for v in values])
+    dist.all_reduce(packed)
+    return list(packed)
+
+
+def predictions(model, images, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """The model's classes for un-augmented images (a tensor, array or h5py dataset) in eval mode,
+    the model left as it was."""
+    if device is None:
+        device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
     with attacks.frozen(model):
-        return classes(model, images, batch_size, images.device)
+        return classes(model, images, batch_size, device)
 
 
-def validate(model, val_images: torch.Tensor, val_labels: torch.Tensor, val_cfg: Mapping, batch_size: int
+def validate(model, val_images, val_labels: torch.Tensor, val_cfg: Mapping, batch_size: int
              ) -> tuple[float, float]:
     """(accuracy, robust accuracy or NaN) on the validation split, the model left as it was.
     Robust accuracy attacks the first ``robust_examples`` images with L2 PGD (worst iterate)."""
-    preds = predictions(model, val_images, batch_size)
+    preds = predictions(model, val_images, batch_size, val_labels.device)
     accuracy = float((preds == val_labels).float().mean())
     k = min(val_cfg["robust_examples"], len(val_labels))
     if not k:
         return accuracy, float("nan")
     eps, steps = val_cfg["robust_eps"], val_cfg["robust_steps"]
-    res = attacks.pgd(model, to_float(val_images[:k]), val_labels[:k], eps=eps, steps=steps,
+    x = to_float(torch.as_tensor(np.asarray(val_images[:k])).to(val_labels.device))
+    res = attacks.pgd(model, x, val_labels[:k], eps=eps, steps=steps,
                       step_size=2.5 * eps / steps, norm="l2", worst_iterate=True)
     return accuracy, float(((preds[:k] == val_labels[:k]) & ~res.success).float().mean())
 
 
-def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
+def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
           cfg: Mapping, seed: int, out_dir: str | os.PathLike, device: torch.device,
-          checkpoint_config: Mapping | None = None, val: tuple[np.ndarray, np.ndarray] | None = None,
+          checkpoint_config: Mapping | None = None, val: tuple | None = None,
           val_cfg: Mapping | None = None, keep_resume_state: bool = False) -> dict:
     """Train, checkpointing each epoch into ``out_dir/checkpoints``; writes ``out_dir/model.pt``
-    and ``out_dir/train_log.csv``. With ``val`` (images, labels) and the config section
-    ``validation`` as ``val_cfg``, every epoch also logs accuracy on the validation split (which
-    draws no random numbers, so it does not change the training run). The resume state is removed
-    once the model is written, unless ``keep_resume_state``. Returns a summary dict."""
+    and ``out_dir/train_log.csv``. ``images`` is an array or an h5py dataset (read as
+    ``cfg['loader']`` says). With ``val`` (images, labels) and the config section ``validation``
+    as ``val_cfg``, every epoch also logs accuracy on the validation split (which draws no random
+    numbers, so it does not change the training run). The resume state is removed once the model
+    is written, unless ``keep_resume_state``. Inside a torch.distributed job every rank calls
+    this; only rank 0 writes. Returns a summary dict."""
     out_dir = Path(out_dir)
     resume_path = out_dir / "checkpoints" / "last.pt"
-    fp = fingerprint({**cfg, "arch": arch}, seed, len(labels))
+    rank, n_ranks = world()
+    fp = fingerprint({**cfg, "arch": arch, "ranks": n_ranks}, seed, len(labels))
 
     model = initial_model(arch, num_classes, mean, std, seed, device)
+    stepped = model
+    if n_ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        stepped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                           weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
     start_epoch, history, elapsed = 0, [], 0.0
@@ -139,20 +263,26 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
         else:
             log.info("ignoring %s: it was made with other settings", resume_path)
 
-    x_all = torch.from_numpy(images).to(device)
-    y_all = torch.from_numpy(labels).to(device)
+    rows = training_rows(images, cfg, device)
+    y_all = torch.from_numpy(np.asarray(labels)).to(device)
     if val is not None:
-        x_val, y_val = torch.from_numpy(val[0]).to(device), torch.from_numpy(val[1]).to(device)
+        x_val, y_val = val[0], torch.from_numpy(np.asarray(val[1])).to(device)
+        if cfg["loader"] == "memory":
+            x_val = torch.from_numpy(np.asarray(x_val[:])).to(device)
     adv = cfg["adversarial"]
     bf16 = cfg["precision"] == "bfloat16"
     threat = attacks.threat_model(adv["norm"], adv["eps"], adv["step_size"]) if adv else None
     n, bs = len(labels), cfg["batch_size"]
     steps_per_epoch = max(1, n // bs) if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
+    if n_ranks > 1 and (bs % n_ranks or not cfg["drop_last"] or n < bs):
+        raise ValueError(f"training with {n_ranks} processes needs batch_size ({bs}) divisible by the number "
+                         f"of processes, drop_last: true and at least one full batch ({n} rows)")
 
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
-        order, gen = epoch_order(seed, epoch, n)
-        order = order.to(device)
+        order, gen = rows.epoch_order(seed, epoch)
+        if n_ranks > 1:  # same order on every rank; augmentation and attack starts differ per rank
+            gen = torch.Generator().manual_seed(derived_seed("rank", seed, epoch, rank))
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
         model.train()
@@ -160,33 +290,44 @@ def train(images: np.ndarray, labels: np.ndarray, *, arch: str, num_classes: int
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch",
-                   leave=False, mininterval=1 if os.isatty(2) else 30)
+                   leave=False, mininterval=1 if os.isatty(2) else 30, disable=rank != 0)
         for step in bar:
             idx = order[step * bs:(step + 1) * bs]
-            x = augment(to_float(x_all[idx]), cfg["augment"], gen)
-            y = y_all[idx]
+            if n_ranks > 1:
+                idx = idx.tensor_split(n_ranks)[rank]
+            x = augment(to_float(rows.read(idx)), cfg["augment"], gen)
+            y = y_all[idx.to(device)]
             if threat is not None:
                 x = _adversarial_batch(model, x, y, threat, adv, gen, bf16)
-            logits, loss = train_step(model, opt, x, y, cfg["label_smoothing"], bf16)
+            logits, loss = train_step(stepped, opt, x, y, cfg["label_smoothing"], bf16)
             total_loss += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         elapsed += time.perf_counter() - t0
-        val_acc, val_robust = (validate(model, x_val, y_val, val_cfg, bs) if val is not None
-                               else (float("nan"), float("nan")))
-        row = dict(epoch=epoch + 1, lr=lr_at(epoch, cfg), train_loss=float(total_loss) / seen,
-                   train_acc=float(correct) / seen, val_acc=val_acc, val_robust_acc=val_robust,
-                   seconds=round(elapsed, 3))
-        history.append(row)
-        log.info("epoch %d/%d  loss %.4f  acc %.4f  val acc %.4f  val robust %.4f  lr %.4g", row["epoch"],
-                 cfg["epochs"], row["train_loss"], row["train_acc"], val_acc, val_robust, row["lr"])
-        with atomic_write(resume_path) as tmp:
-            torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
+        if n_ranks > 1:
+            total_loss, correct, seen = _all_reduce_sum(total_loss, correct, torch.tensor(seen, device=device))
+        if rank == 0:
+            val_acc, val_robust = (validate(model, x_val, y_val, val_cfg, bs) if val is not None
+                                   else (float("nan"), float("nan")))
+            row = dict(epoch=epoch + 1, lr=lr_at(epoch, cfg), train_loss=float(total_loss) / float(seen),
+                       train_acc=float(correct) / float(seen), val_acc=val_acc, val_robust_acc=val_robust,
+                       seconds=round(elapsed, 3))
+            history.append(row)
+            log.info("epoch %d/%d  loss %.4f  acc %.4f  val acc %.4f  val robust %.4f  lr %.4g", row["epoch"],
+                     cfg["epochs"], row["train_loss"], row["train_acc"], val_acc, val_robust, row["lr"])
+            with atomic_write(resume_path) as tmp:
+                torch.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "epoch": epoch + 1, "history": history, "elapsed": elapsed}, tmp)
+        if n_ranks > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
+    if rank != 0:
+        return {"train_seconds": elapsed, "final_train_acc": None, "train_fit": None}
     # How well the model fits its own training set (un-augmented): a control such as a
     # leakage-only set means nothing if its shortcut was never learnt (docs/paper-notes.md §6).
-    train_fit = float((predictions(model, x_all, bs) == y_all).float().mean())
+    fit_images = rows.images if isinstance(rows, InMemoryRows) else images
+    train_fit = float((predictions(model, fit_images, bs, device) == y_all).float().mean())
     log.info("fit of its own training set: %.4f", train_fit)
     write_log(out_dir / "train_log.csv", history)
     save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
@@ -230,3 +371,96 @@ def write_log(path: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(history)
+
+
+# --------------------------------------------------------------------------- one job, one or several processes
+
+def run_job(job: Mapping, device: torch.device) -> None:
+    """Train every replicate of one Snakemake job (``job``: what :func:`job_spec` returns), in this
+    process or as one rank of a distributed launch."""
+    from notbugs import hdf5
+
+    with hdf5.open_artifact(job["data"], kind="data") as data, \
+            hdf5.open_artifact(job["train_set"]) as train_set:
+        mean, std, class_names = data.attrs["mean"], data.attrs["std"], data.class_names
+        val = (data.split("val").images, data.split("val").labels) if "val" in data.splits else None
+        split = train_set.split("train")
+        images = split.images
+        for out_dir, seed in zip(job["out_dirs"], job["seeds"]):
+            # Resume state is kept until every replicate of the job is done: if the job is killed,
+            # Snakemake deletes its finished outputs too, and the rerun restores them from it.
+            train(images, split.labels, arch=job["arch"], num_classes=len(class_names), mean=mean, std=std,
+                  cfg=job["train"], seed=seed, out_dir=out_dir, device=device,
+                  checkpoint_config={"rule": job["rule"], "train_set": str(job["train_set"])}, val=val,
+                  val_cfg=job["validation"], keep_resume_state=True)
+    if world()[0] == 0:
+        for out_dir in job["out_dirs"]:
+            shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
+
+
+def job_spec(*, rule: str, data: str, train_set: str, arch: str, train_cfg: Mapping, seeds, out_dirs,
+             validation: Mapping, device: str, threads: int) -> dict:
+    """Everything a training job needs, as plain JSON-able values (a distributed launch passes it
+    to every rank in a file)."""
+    return dict(rule=rule, data=str(data), train_set=str(train_set), arch=arch, train=dict(train_cfg),
+                seeds=[int(s) for s in seeds], out_dirs=[str(d) for d in out_dirs],
+                validation=dict(validation), device=device, threads=int(threads))
+
+
+def launch_distributed(job: Mapping, log_path: str | os.PathLike) -> None:
+    """Run ``job`` as ``job['train']['processes']`` ranks of one torchrun launch on this node,
+    their output appended to ``log_path``. The launch dies with this process."""
+    import json
+    import subprocess
+    import sys
+
+    from notbugs.runtime import die_with_parent
+
+    processes = job["train"]["processes"]
+    spec = Path(job["out_dirs"][0]).parent / f".{Path(job['out_dirs'][0]).name}.distributed-job.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    spec.write_text(json.dumps(job))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+           "-m", "notbugs.train", str(spec)]
+    log.info("launching %d training processes: %s", processes, " ".join(cmd))
+    with open(log_path, "a") as out:
+        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    spec.unlink(missing_ok=True)
+    if result.returncode:
+        raise RuntimeError(f"distributed training failed (torchrun exit code {result.returncode}); "
+                           f"see the ranks' output in {log_path}")
+
+
+def _distributed_rank_main(spec_path: str) -> None:
+    """Entry point of one torchrun rank: join the process group, train, leave."""
+    import json
+
+    import torch.distributed as dist
+
+    from notbugs.runtime import die_with_parent, resolve_device, start_logging
+
+    die_with_parent()
+    job = json.loads(Path(spec_path).read_text())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(job["device"])
+    if device.type == "cuda":
+        if torch.cuda.device_count() < job["train"]["processes"]:
+            raise RuntimeError(f"{job['train']['processes']} training processes need as many GPUs; "
+                               f"this job sees {torch.cuda.device_count()} (request them: resources gpu)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    start_logging(None, prefix=f"rank {os.environ.get('RANK', 0)}")
+    torch.set_num_threads(max(1, job["threads"] // job["train"]["processes"]))
+    torch.set_flush_denormal(True)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        run_job(job, device)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _distributed_rank_main(sys.argv[1])

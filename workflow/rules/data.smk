@@ -8,6 +8,8 @@ rule prepare_data:
         f"{LOGS}/prepare_data.log",
     conda:
         "../../envs/notbugs.yaml"
+    # processes that decode images (restricted_imagenet); the other sources use one
+    threads: config["threads"]
     resources:
         mem_mb=8000,
         runtime=60,

@@ -18,7 +18,8 @@ rule train_source:
         "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
+        # one GPU per training process (train.processes > 1: DistributedDataParallel)
+        gpu=lambda wc: GPU * config["sources"][wc.source]["train"]["processes"],
         mem_mb=16000,
         runtime=24 * 60,
     script:
@@ -45,7 +46,7 @@ rule train_target:
         "../../envs/notbugs.yaml"
     threads: config["threads"]
     resources:
-        gpu=GPU,
+        gpu=GPU * config["targets"]["train"]["processes"],
         mem_mb=16000,
         runtime=24 * 60,
     script:

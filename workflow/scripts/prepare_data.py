@@ -5,8 +5,8 @@ from notbugs.runtime import start_job
 
 
 def main(smk):
-    start_job(smk.log[0], smk.threads, device="cpu")
-    prepare(smk.params.dataset, smk.params.seed, smk.output[0])
+    start_job(smk.log[0], 1, device="cpu")
+    prepare(smk.params.dataset, smk.params.seed, smk.output[0], workers=smk.threads)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,21 @@
 """Snakemake glue for rules train_source and train_target (one or several replicates a job)."""
 
-import shutil
 from pathlib import Path
 
-from notbugs import hdf5
-from notbugs.runtime import start_job
-from notbugs.train import train
+from notbugs.runtime import start_job, start_logging
+from notbugs.train import job_spec, launch_distributed, run_job
 
 
 def main(smk):
-    device = start_job(smk.log[0], smk.threads, smk.params.device)
-    with hdf5.open_artifact(smk.input.data, kind="data") as data:
-        mean, std, classes = data.attrs["mean"], data.attrs["std"], data.class_names
-        val = (data.split("val").images[:], data.split("val").labels) if "val" in data.splits else None
-    train_file = smk.input.get("train_set", smk.input.data)
-    images, labels = hdf5.load_split(train_file, "train")
-    out_dirs = [Path(model).parent for model in smk.output.models]
-    for out_dir, seed in zip(out_dirs, smk.params.seeds):
-        # Resume state is kept until every replicate of the job is done: if the job is killed,
-        # Snakemake deletes its finished outputs too, and the rerun restores them from it.
-        train(images, labels, arch=smk.params.arch, num_classes=len(classes), mean=mean, std=std,
-              cfg=smk.params.train, seed=seed, out_dir=out_dir, device=device,
-              checkpoint_config={"rule": smk.rule, "train_set": str(train_file)}, val=val,
-              val_cfg=smk.params.validation, keep_resume_state=True)
-    for out_dir in out_dirs:
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    job = job_spec(rule=smk.rule, data=smk.input.data, train_set=smk.input.get("train_set", smk.input.data),
+                   arch=smk.params.arch, train_cfg=smk.params.train, seeds=smk.params.seeds,
+                   out_dirs=[Path(model).parent for model in smk.output.models],
+                   validation=smk.params.validation, device=smk.params.device, threads=smk.threads)
+    if job["train"]["processes"] > 1:
+        start_logging(smk.log[0])
+        launch_distributed(job, smk.log[0])
+    else:
+        run_job(job, start_job(smk.log[0], smk.threads, smk.params.device))
 
 
 if __name__ == "__main__":
