@@ -56,6 +56,46 @@ def train_tiny_model(data_path: Path, out_dir: Path, epochs: int = 3, seed: int 
     return out_dir / "model.pt"
 
 
+# A tiny ImageNet-like tree (tests of the restricted_imagenet source and its preset). ImageNet-1k
+# indices: both ends of several Restricted ImageNet ranges and at least one index in each of the 9 ...
+KEPT = (151, 268, 281, 30, 32, 33, 80, 100, 365, 397, 118, 121, 300, 319)
+# ... and classes outside every range, which must be dropped (29/150/269: just outside a range)
+DROPPED = (0, 29, 150, 269, 999)
+JPEG_MODES = ("RGB", "L", "CMYK", "RGB")  # ImageNet has greyscale and CMYK JPEGs
+JPEG_SIZES = ((40, 48), (48, 40))        # (width, height): portrait and landscape
+
+
+def make_imagenet_tree(root: Path, indices=KEPT + DROPPED, per_wnid=None, seed: int = 0,
+                       tint: bool = False) -> dict[str, tuple[str, int]]:
+    """root/{train,val}/<wnid>/*.JPEG with real wnid folder names (ImageNet-1k ``indices``) and
+    ``per_wnid`` small JPEGs per wnid and folder; with ``tint`` each image is noise around a colour
+    of its super-class, so that models can learn something. Returns {file path: (folder, index)}."""
+    from PIL import Image
+
+    from notbugs.data import imagenet_wnids, restricted_imagenet_label
+
+    per_wnid = per_wnid or {"train": 4, "val": 2}
+    wnids = imagenet_wnids()
+    rng = np.random.default_rng(seed)
+    colours = np.random.default_rng(1234).integers(40, 216, (9, 3))
+    files = {}
+    for folder, n in per_wnid.items():
+        for index in indices:
+            d = Path(root) / folder / wnids[index]
+            d.mkdir(parents=True)
+            for i in range(n):
+                path = d / f"{wnids[index]}_{i}.JPEG"
+                width, height = JPEG_SIZES[(i + index) % 2]
+                pixels = rng.integers(0, 256, (height, width, 3))
+                label = restricted_imagenet_label(index)
+                if tint and label >= 0:
+                    pixels = colours[label] + (pixels - 128) // 4
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                image.convert(JPEG_MODES[i % len(JPEG_MODES)]).save(path, "JPEG", quality=90)
+                files[str(path)] = (folder, index)
+    return files
+
+
 def parse_dry_run(text: str) -> list[dict]:
     """One dict per job that ``snakemake -n`` planned: ``rule``, first ``output``, ``resources``."""
     jobs = []

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import DEFAULT_CONFIG, REPO, SCHEMA, SNAKEFILE, SNAKEMAKE, parse_dry_run
+from helpers import DEFAULT_CONFIG, REPO, SCHEMA, SNAKEFILE, SNAKEMAKE, make_imagenet_tree, parse_dry_run
 from notbugs.config import load_config, validate_config
 
 PAPER = REPO / "configs/cifar10-paper.yaml"
+RESTRICTED_IMAGENET = REPO / "configs/restricted-imagenet.yaml"
 SLURM_PROFILE = REPO / "profiles/slurm"
 
 STUDIES_OVERLAY = REPO / "configs/studies.yaml"  # an overlay, not a preset: it only switches studies on
@@ -36,6 +37,16 @@ CPU_RULES = {"prepare_data", "tables", "plot_figure2", "plot_table1", "plot_trai
 
 def _id(path: Path) -> str:
     return str(path.relative_to(REPO))
+
+
+def with_data_root(path: Path, workdir: Path) -> Path:
+    """``workdir`` with the data root ``path`` needs for planning: the restricted_imagenet source
+    checks its ImageNet tree at parse time, so put a tiny one where the preset's relative root
+    points. Other presets read nothing before prepare_data runs."""
+    raw = _raw(path)["dataset"]
+    if raw["source"] == "restricted_imagenet":
+        make_imagenet_tree(workdir / raw["root"], per_wnid={"train": 1, "val": 1})
+    return workdir
 
 
 def _raw(path: Path) -> dict:
@@ -63,7 +74,8 @@ def dry_run(workdir: Path, *args: str) -> tuple[list[dict], str]:
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
-def test_config_validates_against_the_schema(path):
+def test_config_validates_against_the_schema(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(with_data_root(path, tmp_path))
     config = load_config(path, SCHEMA)
     # Figure 2's rows must name models the run actually trains, or `tables` fails at the end.
     rows = config["figures"]["figure2"]
@@ -72,12 +84,13 @@ def test_config_validates_against_the_schema(path):
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=_id)
-def test_preset_overrides_every_key_of_the_default_config(path):
+def test_preset_overrides_every_key_of_the_default_config(path, tmp_path, monkeypatch):
     """Run from the repository root, Snakemake loads the Snakefile's `configfile: config.yaml`
     and merges `--configfile <preset>` *into* it recursively. A preset must therefore set every
     key config.yaml sets, or synthetic-default values (n_train 2000, lr 0.05, ...) leak in."""
     from snakemake.utils import update_config
 
+    monkeypatch.chdir(with_data_root(path, tmp_path))
     merged = copy.deepcopy(_raw(DEFAULT_CONFIG))
     update_config(merged, _raw(path))
     alone = validate_config(_raw(path), SCHEMA)
@@ -113,13 +126,45 @@ def test_paper_preset_matches_the_papers_recipe():
     assert config["evaluation"]["eps"] == [0.25, 0.5] and config["evaluation"]["step_size_factor"] == 2.5
 
 
+def test_restricted_imagenet_preset_carries_the_cifar_presets_controls(tmp_path, monkeypatch):
+    """Spot checks: the authors' library defaults for Restricted ImageNet (150 epochs, batch 256,
+    lr 0.1 x0.1 every 50, weight decay 1e-4), ResNet-50 with the ImageNet stem at 224 px, streamed
+    multi-GPU training, and the same controls, replicates and evaluation as the CIFAR-10 preset."""
+    monkeypatch.chdir(with_data_root(RESTRICTED_IMAGENET, tmp_path))
+    config = load_config(RESTRICTED_IMAGENET, SCHEMA)
+    paper = load_config(PAPER, SCHEMA)
+    assert config["device"] == "cuda" and config["dataset"]["source"] == "restricted_imagenet"
+    assert config["dataset"]["restricted_imagenet"] == {"resolution": 224, "resize": 256}
+    from notbugs.train import lr_at
+    for recipe in (config["sources"]["standard"]["train"], config["sources"]["robust"]["train"],
+                   config["targets"]["train"]):
+        assert (recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["weight_decay"]) == (150, 256, 0.1, 1e-4)
+        assert [lr_at(e, recipe) for e in (49, 50, 99, 100)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+        assert recipe["loader"] == "stream" and recipe["batch_size"] % recipe["processes"] == 0
+    assert config["sources"]["robust"]["train"]["adversarial"]["eps"] == 3.0
+    assert config["sources"]["standard"]["train"]["adversarial"] is None
+    assert {s["arch"] for s in config["sources"].values()} == {"resnet50_imagenet"}
+    assert config["targets"]["archs"] == ["resnet50_imagenet"]
+    for key in ("train_sets", "replicates"):
+        assert config["targets"][key] == paper["targets"][key]
+    assert config["comparisons"] == paper["comparisons"]
+    assert {k: c["method"] for k, c in config["constructions"].items()} == {
+        k: c["method"] for k, c in paper["constructions"].items()}
+    for name, cons in config["constructions"].items():  # every PGD set and its twin at one eps
+        if "twin_of" in cons and cons["method"] == "leakage":
+            assert cons["eps"] == config["constructions"][cons["twin_of"]]["eps"]
+    assert config["figures"]["figure2_eps"] in config["evaluation"]["eps"]
+    assert config["evaluation"]["figure2_autoattack"] is not None
+
+
 # --------------------------------------------------------------------------- (b) local dry runs
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
-def test_dry_run_plans_every_stage(path, tmp_path):
+def test_dry_run_plans_every_stage(path, tmp_path, monkeypatch):
     # config.yaml sits in the working directory, as when running from the repository root.
-    (tmp_path / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    (with_data_root(path, tmp_path) / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)
     config = load_config(path, SCHEMA)
     if config["dataset"]["source"] == "imagefolder":
         # A dry run reads no data: the (relative) data root need not exist for planning.
@@ -142,7 +187,12 @@ def test_dry_run_plans_every_stage(path, tmp_path):
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)
 def test_studies_overlay_plans_every_study_on_every_preset(path, tmp_path):
-    (tmp_path / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    (with_data_root(path, tmp_path) / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    if path == RESTRICTED_IMAGENET:  # the studies' pixel models take 32x32 images: refused at parse time
+        with pytest.raises(AssertionError, match=r"linear_robust.arch': 'linear' \(added by studies.robust_leakage\) "
+                                                 r"takes 3x32x32 images, and this data set's images are 224x224"):
+            dry_run(tmp_path, "--configfile", str(path), str(STUDIES_OVERLAY), "--cores", "2")
+        return
     jobs, _ = dry_run(tmp_path, "--configfile", str(path), str(STUDIES_OVERLAY), "--cores", "2")
     rules = {job["rule"] for job in jobs}
     assert rules == gpu_rules(load_config(path, SCHEMA)) | CPU_RULES | STUDY_GPU_RULES | STUDY_CPU_RULES
@@ -151,19 +201,23 @@ def test_studies_overlay_plans_every_study_on_every_preset(path, tmp_path):
 # --------------------------------------------------------------------------- (c) SLURM profile
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["paper", "paper+studies"])
+@pytest.fixture(scope="module", params=[(PAPER, False), (PAPER, True), (RESTRICTED_IMAGENET, False)],
+                ids=["paper", "paper+studies", "restricted-imagenet"])
 def slurm_jobs(request, tmp_path_factory) -> tuple[list[dict], str, bool]:
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    workdir = tmp_path_factory.mktemp("slurm")
+    preset, with_studies = request.param
+    workdir = with_data_root(preset, tmp_path_factory.mktemp("slurm"))
     # The command of docs/cluster.md (with the studies overlay in the second variant).
-    configs = [str(PAPER)] + ([str(STUDIES_OVERLAY)] if request.param else [])
+    configs = [str(preset)] + ([str(STUDIES_OVERLAY)] if with_studies else [])
     jobs, text = dry_run(workdir, "--profile", str(SLURM_PROFILE), "--workflow-profile", "none",
                          "--configfile", *configs, "--latency-wait", "120")
-    return jobs, text, request.param
+    return jobs, text, with_studies, preset
 
 
-def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
-    jobs, text, with_studies = slurm_jobs
+def test_slurm_profile_plans_the_paper_dag(slurm_jobs, monkeypatch):
+    jobs, text, with_studies, preset = slurm_jobs
+    if preset != PAPER:
+        pytest.skip("the paper preset's DAG")
     config = load_config(PAPER, SCHEMA)
     rules = [job["rule"] for job in jobs]
     if with_studies:
@@ -180,8 +234,12 @@ def test_slurm_profile_plans_the_paper_dag(slurm_jobs):
     assert "workflow specific profile" not in text
 
 
-def test_slurm_gpu_request_lands_on_the_gpu_rules_only(slurm_jobs):
-    jobs, _, _ = slurm_jobs
+def test_slurm_gpu_request_lands_on_the_gpu_rules_only(slurm_jobs, tmp_path, monkeypatch):
+    jobs, _, _, preset = slurm_jobs
+    monkeypatch.chdir(with_data_root(preset, tmp_path))
+    config = load_config(preset, SCHEMA)
+    processes = {f"results/{config['dataset']['name']}/sources/{name}/model.pt": src["train"]["processes"]
+                 for name, src in config["sources"].items()}
     for job in jobs:
         res = job["resources"]
         where = f"{job['rule']} -> {job['output']}: {res}"
@@ -189,8 +247,11 @@ def test_slurm_gpu_request_lands_on_the_gpu_rules_only(slurm_jobs):
         assert res.get("slurm_partition", "").strip("'\""), where
         assert int(res["runtime"]) > 0 and int(res["mem_mb"]) > 0, where
         if job["rule"] in GPU_RULES | STUDY_GPU_RULES:
-            # `gpu: 1` (-> --gpus=1); a site that needs --gres sets gres "gpu:1" and gpu 0 instead
-            assert res.get("gpu") == "1" or "gpu" in res.get("gres", ""), where
+            # `gpu: 1` (-> --gpus=1); a site that needs --gres sets gres "gpu:1" and gpu 0 instead.
+            # Training jobs ask for one GPU per training process (DistributedDataParallel).
+            gpus = {"train_source": processes.get(job["output"], 1),  # study sources copy processes 1
+                    "train_target": config["targets"]["train"]["processes"]}.get(job["rule"], 1)
+            assert res.get("gpu") == str(gpus) or "gpu" in res.get("gres", ""), where
             assert int(res["cpus_per_gpu"]) >= 1, where
         else:
             assert job["rule"] in CPU_RULES | STUDY_CPU_RULES, where
@@ -228,7 +289,7 @@ def test_slurm_plugin_turns_the_profile_into_the_expected_sbatch_flags(slurm_job
         from snakemake_executor_plugin_slurm.utils import set_gres_string
     except ImportError as exc:  # internal modules, not the plugin's public interface
         pytest.skip(f"snakemake-executor-plugin-slurm internals moved: {exc}")
-    jobs, _, with_studies = slurm_jobs
+    jobs, _, with_studies, _ = slurm_jobs
     seen = set()
     for job in jobs:
         if job["rule"] in seen:

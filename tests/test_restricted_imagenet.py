@@ -8,9 +8,11 @@ import shutil
 import sys
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
+from helpers import DROPPED, KEPT, make_imagenet_tree
 from notbugs import data, hdf5
 from notbugs.config import RESTRICTED_IMAGENET_CLASSES, ConfigError, check_dataset, complete, natural_classes
 from notbugs.data import (RESTRICTED_IMAGENET_CLASSES as NAMES, RESTRICTED_IMAGENET_RANGES, DataSourceError,
@@ -18,15 +20,8 @@ from notbugs.data import (RESTRICTED_IMAGENET_CLASSES as NAMES, RESTRICTED_IMAGE
                           restricted_imagenet_labels)
 from notbugs.runtime import partial_path
 
-# ImageNet-1k indices of the tiny tree: both ends of several ranges and at least one index in
-# each of the 9 ranges ...
-KEPT = (151, 268, 281, 30, 32, 33, 80, 100, 365, 397, 118, 121, 300, 319)
-# ... and classes outside every range, which must be dropped (29/150/269: just outside a range)
-DROPPED = (0, 29, 150, 269, 999)
 PER_WNID = {"train": 4, "val": 2}
 RESOLUTION, RESIZE = 16, 20
-MODES = ("RGB", "L", "CMYK", "RGB")  # ImageNet has greyscale and CMYK JPEGs
-SIZES = ((40, 48), (48, 40))        # (width, height): portrait and landscape
 
 
 def _expected_superclass(index: int) -> int:
@@ -36,26 +31,8 @@ def _expected_superclass(index: int) -> int:
     return hits[0] if hits else -1
 
 
-def _write_jpeg(path, rng, mode, size):
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, "JPEG", quality=90)
-
-
 def make_tree(root, indices=KEPT + DROPPED, per_wnid=None, seed=0) -> dict[str, tuple[str, int]]:
-    """An ImageNet-like tree root/{train,val}/<wnid>/*.JPEG; returns {file path: (folder, index)}."""
-    per_wnid = per_wnid or PER_WNID
-    wnids = imagenet_wnids()
-    rng = np.random.default_rng(seed)
-    files = {}
-    for folder, n in per_wnid.items():
-        for index in indices:
-            d = root / folder / wnids[index]
-            d.mkdir(parents=True)
-            for i in range(n):
-                path = d / f"{wnids[index]}_{i}.JPEG"
-                _write_jpeg(path, rng, MODES[i % len(MODES)], SIZES[(i + index) % 2])
-                files[str(path)] = (folder, index)
-    return files
+    return make_imagenet_tree(root, indices, per_wnid or PER_WNID, seed)
 
 
 def _cfg(root, **overrides) -> dict:
@@ -261,7 +238,7 @@ def test_flat_validation_folder(tree, tmp_path):
     root = _copy(tree, tmp_path)
     shutil.rmtree(root / "val")
     (root / "val").mkdir()
-    _write_jpeg(root / "val" / "ILSVRC2012_val_00000001.JPEG", np.random.default_rng(0), "RGB", (40, 48))
+    Image.fromarray(np.zeros((48, 40, 3), np.uint8)).save(root / "val" / "ILSVRC2012_val_00000001.JPEG", "JPEG")
     with pytest.raises(DataSourceError, match="no class folders"):
         prepare(_cfg(root), seed=0, output=tmp_path / "data.h5")
 
@@ -323,3 +300,63 @@ def test_config_defaults_and_checks(tree, tmp_path):
     with pytest.raises(ConfigError, match="restricted_imagenet.resolution"):
         complete("dataset", {"name": "rin", "source": "restricted_imagenet", "restricted_imagenet": {"resolution": 0}})
     assert "restricted_imagenet" in data.SOURCES
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+def _tiny_preset(root) -> dict:
+    """configs/restricted-imagenet.yaml at toy sizes on the CPU: every stage, every control, the
+    streamed loader everywhere and one source trained by two processes."""
+    import yaml
+
+    from helpers import REPO
+    config = yaml.safe_load((REPO / "configs/restricted-imagenet.yaml").read_text())
+    config.update(device="cpu", threads=2, chunk_size=32)
+    config["dataset"].update(root=str(root), restricted_imagenet={"resolution": 32, "resize": 36}, n_val=9)
+    small = {"epochs": 2, "batch_size": 32, "loader": "stream", "shuffle_window": 64, "precision": "float32"}
+    config["sources"]["standard"] = {"arch": "resnet18_imagenet", "train": {**small, "processes": 2}}
+    config["sources"]["robust"] = {"arch": "small_cnn", "train": {
+        **small, "adversarial": {"norm": "l2", "eps": 1.0, "steps": 2, "step_size": 0.5}}}
+    config["sources"]["brief_clean"] = {"arch": "small_cnn", "train": {**small, "epochs": 1}}
+    for cons in config["constructions"].values():
+        if "steps" in cons:
+            cons["steps"] = 5
+    config["targets"].update(archs=["small_cnn"], replicates=2, group_replicates=True, train=small)
+    config["evaluation"].update(steps=3, batch_size=64, figure2_autoattack=None)
+    config["figures"]["figure2"] = {k: v.replace("resnet50_imagenet", "small_cnn")
+                                    for k, v in config["figures"]["figure2"].items()}
+    return config
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_on_a_tiny_imagenet_tree(tmp_path):
+    import pandas as pd
+
+    from test_workflow import snakemake
+    root = tmp_path / "imagenet"
+    make_imagenet_tree(root, KEPT + DROPPED, {"train": 12, "val": 4}, tint=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    snakemake(work, _tiny_preset(root))
+    results = work / "results" / "restricted_imagenet"
+    table = restricted_imagenet_labels()
+    with hdf5.open_artifact(results / "data.h5", kind="data") as art:
+        assert art.class_names == NAMES
+        for split, n in (("train", 12 * len(KEPT) - 9), ("val", 9), ("test", 4 * len(KEPT))):
+            s = art.split(split)
+            index = s["imagenet_index"][:]
+            assert len(s) == n and s.images.shape[1:] == (3, 32, 32)
+            np.testing.assert_array_equal(s.labels, [_expected_superclass(i) for i in index])
+            np.testing.assert_array_equal(s.labels, table[index])
+            assert not set(index.tolist()) & set(DROPPED)
+    with hdf5.open_artifact(results / "constructed" / "d_rand.h5", kind="constructed") as art:
+        assert art.split("train").images.dtype == np.float32
+    models = pd.read_csv(results / "tables" / "models.csv")
+    assert len(models) == 3 + 10 * 2  # the sources and two replicates of each of the ten training sets
+    claims = pd.read_csv(results / "tables" / "claims.csv")
+    assert len(claims) == 5
+    assert (results / "summary.md").exists() and (results / "figures" / "figure2.png").exists()
+    log = (work / "logs" / "restricted_imagenet" / "train_source" / "standard.log").read_text()
+    assert "launching 2 training processes" in log and "rank 0" in log
+    standard = torch.load(results / "sources" / "standard" / "model.pt", weights_only=True)
+    assert standard["arch"] == "resnet18_imagenet" and standard["config"]["train"]["processes"] == 2

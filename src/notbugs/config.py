@@ -124,6 +124,7 @@ def validate_config(config: dict, schema_path: str | Path | None = None) -> dict
         _fill_and_check(config, schema_doc)  # fills the defaults of what the studies added
     check_references(config)
     check_dataset(config["dataset"])
+    check_image_size(config)
     return config
 
 
@@ -255,6 +256,34 @@ def check_dataset(dataset: Mapping) -> None:
         if n_classes and dataset[key] and dataset[key] % n_classes:
             raise ConfigError(f"config key 'dataset.{key}': {dataset[key]} is not a multiple of the {n_classes} "
                               "classes; subsets are class-balanced")
+
+
+PIXEL_ARCHS = ("mlp", "linear")  # models with a fixed 3x32x32 input (notbugs.models.PIXELS)
+
+
+def image_side(dataset: Mapping) -> int | None:
+    """The side of the data's square images where it is known before loading."""
+    if dataset["source"] == "restricted_imagenet":
+        return dataset["restricted_imagenet"]["resolution"]
+    return None if dataset["source"] == "imagefolder" else 32
+
+
+def check_image_size(config: Mapping) -> None:
+    """Models on raw pixels take 32x32 images only: refuse them (also where a study adds them:
+    Goh's robust-leakage study trains a linear model, the transfer study an mlp) on larger data."""
+    side = image_side(config["dataset"])
+    if side in (None, 32):
+        return
+    uses = [(f"sources.{name}.arch", src["arch"]) for name, src in config["sources"].items()]
+    uses += [(f"targets.archs.{i}", arch) for i, arch in enumerate(config["targets"]["archs"])]
+    transfer = config["studies"]["transfer"]
+    if transfer["enabled"]:
+        uses += [(f"studies.transfer.archs.{i}", arch) for i, arch in enumerate(transfer["archs"])]
+    for key, arch in uses:
+        if arch in PIXEL_ARCHS:
+            added = " (added by studies.robust_leakage)" if key == f"sources.{LINEAR_SOURCE}.arch" else ""
+            raise ConfigError(f"config key '{key}': {arch!r}{added} takes 3x32x32 images, and this data set's "
+                              f"images are {side}x{side} (dataset.restricted_imagenet.resolution)")
 
 
 def check_references(config: Mapping) -> None:
