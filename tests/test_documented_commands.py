@@ -1,7 +1,7 @@
 """Every Snakemake command that README.md, docs/ and the presets' comments show, run as a dry run
 (`-n`) exactly as written, in a scratch copy of the repository's layout. Placeholders are filled
 the way a reader would fill them (a config file `my.yaml`, a JPEG-copy override pointing at an
-ImageFolder tree the test makes). Commands that need a finished run (`--report`) or the README's
+ImageFolder tree the test makes, a tiny ImageNet tree for `/path/to/imagenet`). Commands that need a finished run (`--report`) or the README's
 first command (which CI runs for real) are left to those runs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, SNAKEMAKE
+from helpers import REPO, SNAKEMAKE, make_imagenet_tree
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -64,6 +64,7 @@ def _scratch(tmp_path: Path) -> Path:
                        "n_test": 500, "n_val": 100}
     (work / "my.yaml").write_text(yaml.safe_dump(mine))
     (work / "epochs15.yaml").write_text(yaml.safe_dump({"targets": {"train": {"epochs": 15}}}))
+    make_imagenet_tree(tmp_path / "imagenet", per_wnid={"train": 1, "val": 1})
     return work
 
 
@@ -81,6 +82,7 @@ def test_documented_command_plans_without_error(where, command, tmp_path):
     command = command.removeprefix("time ")
     command = command.replace(".venv/bin/snakemake", SNAKEMAKE).replace("/path/to/notbugs/Snakefile", "Snakefile")
     command = command.replace("<target>", "results/cifar10jpeg/data.h5")  # the dataset my.yaml names
+    command = command.replace("/path/to/imagenet", str(tmp_path / "imagenet"))
     if " -- " in command:  # targets after "--": the dry-run flag goes before them
         head, tail = command.split(" -- ", 1)
         command = f"{head} -n -- {tail}"
