@@ -29,6 +29,7 @@ def test_windowed_order_visits_every_row_once_in_windows_of_whole_blocks():
     n, block, window_blocks = 1000, 64, 3
     order, windows = windowed_order(n, block, window_blocks, torch.Generator().manual_seed(0))
     assert sorted(order.tolist()) == list(range(n))
+    windows = windows[0]
     assert sorted(b for window in windows for b in window) == list(range(16))  # the last block has 40 rows
     lo = 0
     for window in windows:
@@ -38,6 +39,22 @@ def test_windowed_order_visits_every_row_once_in_windows_of_whole_blocks():
         assert sorted(rows.tolist()) == [r for b in window for r in range(b * block, min(n, (b + 1) * block))]
         lo += size
     assert order[:block].tolist() != list(range(block)), "rows are shuffled within a window"
+
+
+def test_each_rank_reads_its_own_blocks_and_the_ranks_share_every_batch():
+    n, block, window_blocks, batch, ranks = 1000, 32, 2, 48, 3
+    order, windows = windowed_order(n, block, window_blocks, torch.Generator().manual_seed(1),
+                                    batch_size=batch, ranks=ranks)
+    blocks_of = [{b for window in windows[r] for b in window} for r in range(ranks)]
+    assert set.union(*blocks_of) == set(range(32)) and sum(map(len, blocks_of)) == 32  # disjoint
+    assert len(order) % batch == 0 and len(set(order.tolist())) == len(order)
+    # an epoch leaves over what the ranks' streams differ by (a block each) and each one's last partial slice
+    assert len(order) > n - ranks * (block + batch // ranks)
+    for lo in range(0, len(order), batch):
+        for rank, share in enumerate(order[lo:lo + batch].tensor_split(ranks)):
+            assert set((share // block).tolist()) <= blocks_of[rank]
+    single, _ = windowed_order(n, block, window_blocks, torch.Generator().manual_seed(1), batch_size=batch)
+    assert sorted(single.tolist()) == list(range(n))
 
 
 class _CountingDataset:
@@ -55,20 +72,26 @@ class _CountingDataset:
         return self.array[key]
 
 
-def test_streamed_rows_read_whole_chunks_and_hold_at_most_two_windows():
+@pytest.mark.parametrize("rank, ranks", [(0, 1), (1, 2)])
+def test_streamed_rows_read_whole_chunks_once_and_hold_at_most_three_windows(rank, ranks):
     n, chunk, window_rows, batch = 1010, 50, 200, 64  # the last chunk has 10 rows
     images = np.random.default_rng(0).integers(0, 255, (n, 3, 4, 4), dtype=np.uint8)
     dataset = _CountingDataset(images, chunk)
-    rows = StreamedRows(dataset, window_rows, torch.device("cpu"))
+    rows = StreamedRows(dataset, window_rows, torch.device("cpu"), batch_size=batch, rank=rank, ranks=ranks)
     order, _ = rows.epoch_order(seed=3, epoch=0)
-    most_cached = 0
-    for lo in range(0, n, batch):
-        idx = order[lo:lo + batch]
+    most_held = 0
+    for lo in range(0, len(order), batch):
+        idx = order[lo:lo + batch].tensor_split(ranks)[rank]
         assert np.array_equal(rows.read(idx).numpy(), images[idx.numpy()])
-        most_cached = max(most_cached, len(rows.cache))
-    assert most_cached <= 2 * window_rows // chunk
+        prefetched = len(rows._prefetch[1].result()) if rows._prefetch else 0
+        most_held = max(most_held, len(rows.cache) + prefetched)
+    assert most_held <= 3 * window_rows // chunk
     assert all(start % chunk == 0 and stop == min(n, start + chunk) for start, stop in dataset.reads), "whole chunks"
-    assert len(dataset.reads) == -(-n // chunk), "every chunk is read once an epoch"
+    starts = [start for start, _ in dataset.reads]
+    assert len(starts) == len(set(starts)), "every chunk is read at most once an epoch"
+    assert len(starts) == len(rows.window_index), "this rank reads its own chunks, all of them"
+    if ranks == 1:
+        assert len(starts) == -(-n // chunk)
 
 
 def _stream_code(data_path: Path, out_dir: Path, epochs: int) -> str:
@@ -204,10 +227,11 @@ def test_two_process_training_resumes_after_sigkill_with_identical_result(tmp_pa
     import json
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=1200, n_test=100)
     epochs = 5
-    _train(_job(data_path, tmp_path / "straight", 2, epochs=epochs), tmp_path / "straight.log")
+    streamed = dict(loader="stream", shuffle_window=256)  # each process reads its own chunks of the file
+    _train(_job(data_path, tmp_path / "straight", 2, epochs=epochs, **streamed), tmp_path / "straight.log")
 
     killed = tmp_path / "killed"
-    job = _job(data_path, killed, 2, epochs=epochs)
+    job = _job(data_path, killed, 2, epochs=epochs, **streamed)
     log = tmp_path / "killed.log"
     launcher = subprocess.Popen([sys.executable, "-c", _LAUNCH, json.dumps(job), str(log)])
     resume_state = killed / "checkpoints" / "last.pt"

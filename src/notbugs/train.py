@@ -103,19 +103,37 @@ def epoch_order(seed: int, epoch: int, n: int) -> tuple[torch.Tensor, torch.Gene
     return torch.randperm(n, generator=gen), gen
 
 
-def windowed_order(n: int, block: int, window_blocks: int, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, list[list[int]]]:
-    """A row order that visits whole blocks of ``block`` consecutive rows in a random order,
-    ``window_blocks`` at a time, and shuffles the rows within each such window; and the blocks
-    of each window."""
+def windowed_order(n: int, block: int, window_blocks: int, generator: torch.Generator, *, batch_size: int = 1,
+                   ranks: int = 1) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """A row order that reads whole blocks of ``block`` consecutive rows, and the blocks each rank
+    reads, window by window.
+
+    The blocks are visited in a random order, ``window_blocks`` per rank at a time. Each window's
+    blocks are dealt out to the ``ranks`` in turn, and each rank shuffles the rows of its blocks
+    into its own stream. Global batch k is the concatenation of every rank's k-th slice of
+    ``batch_size / ranks`` rows, so rank r's slice of a batch (as the training loop cuts it) comes
+    from rank r's blocks alone: each rank reads 1/ranks of the file. With one rank the order is
+    the stream itself, every row once; with several, each epoch drops the rows beyond the
+    shortest stream's last whole slice (fewer than ``ranks`` × (``block`` + a slice))."""
     n_blocks = math.ceil(n / block)
     blocks = torch.randperm(n_blocks, generator=generator).tolist()
-    pieces, windows = [], []
-    for lo in range(0, n_blocks, window_blocks):
-        windows.append(sorted(blocks[lo:lo + window_blocks]))
-        rows = torch.cat([torch.arange(b * block, min(n, (b + 1) * block)) for b in blocks[lo:lo + window_blocks]])
-        pieces.append(rows[torch.randperm(len(rows), generator=generator)])
-    return torch.cat(pieces), windows
+    streams: list[list[torch.Tensor]] = [[] for _ in range(ranks)]
+    windows: list[list[list[int]]] = [[] for _ in range(ranks)]
+    span = window_blocks * ranks
+    for lo in range(0, n_blocks, span):
+        for rank in range(ranks):
+            mine = sorted(blocks[lo + rank:lo + span:ranks])
+            windows[rank].append(mine)
+            if mine:
+                rows = torch.cat([torch.arange(b * block, min(n, (b + 1) * block)) for b in mine])
+                streams[rank].append(rows[torch.randperm(len(rows), generator=generator)])
+    flat = [torch.cat(stream) if stream else torch.zeros(0, dtype=torch.long) for stream in streams]
+    if ranks == 1:
+        return flat[0], windows
+    share = batch_size // ranks
+    steps = min(len(stream) for stream in flat) // share
+    order = torch.stack([stream[:steps * share].view(steps, share) for stream in flat], dim=1)
+    return order.reshape(-1), windows
 
 
 class InMemoryRows:
@@ -132,24 +150,35 @@ class InMemoryRows:
 
 
 class StreamedRows:
-    """The training split read from an array or HDF5 dataset a window of whole chunks at a time.
-    At most the blocks of two windows are held: the window being read and the tail of the last."""
+    """The training split read from an array or HDF5 dataset (:func:`windowed_order`): this rank's
+    blocks of one window are read together, in a background thread while the previous window
+    trains. At most three windows of blocks are held: the tail of the last, the current one and
+    the next."""
 
-    def __init__(self, images, window_rows: int, device: torch.device):
+    def __init__(self, images, window_rows: int, device: torch.device, *, batch_size: int = 1,
+                 rank: int = 0, ranks: int = 1):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
         self.images, self.device = images, device
+        self.batch_size, self.rank, self.ranks = batch_size, rank, ranks
         chunks = getattr(images, "chunks", None)
         self.block = chunks[0] if chunks else ROWS_PER_CHUNK
         self.window_blocks = max(1, window_rows // self.block)
         self.cache: dict[int, np.ndarray] = {}
         self.spare: list[np.ndarray] = []
+        self._spare_lock = threading.Lock()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="notbugs-prefetch")
+        self._prefetch = None  # (window index, future of {block: array})
 
     def epoch_order(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
         gen = epoch_generator(seed, epoch)
-        order, windows = windowed_order(len(self.images), self.block, self.window_blocks, gen)
-        # A window's blocks are read together when the first of them is asked for.
-        self.window_of = {b: window for window in windows for b in window}
-        self.spare += self.cache.values()
-        self.cache.clear()
+        order, windows = windowed_order(len(self.images), self.block, self.window_blocks, gen,
+                                        batch_size=self.batch_size, ranks=self.ranks)
+        self._drop_prefetch()
+        self.windows = windows[self.rank]
+        self.window_index = {b: w for w, window in enumerate(self.windows) for b in window}
+        self._release([b for b in self.cache])
         return order, gen
 
     def read(self, rows: torch.Tensor) -> torch.Tensor:
@@ -158,22 +187,48 @@ class StreamedRows:
         needed = set(blocks.tolist())
         missing = needed - set(self.cache)
         if missing:
-            incoming = {b for m in missing for b in self.window_of[m]}
-            for b in set(self.cache) - needed - incoming:
-                self.spare.append(self.cache.pop(b))
-            for b in sorted(incoming - set(self.cache)):
-                self.cache[b] = self._read_block(b)
+            self._release([b for b in self.cache if b not in needed])
+            while missing:  # one window, or more where a window holds fewer rows than a batch
+                window = self.window_index[min(missing, key=self.window_index.get)]
+                self.cache.update(self._take(window))
+                missing = needed - set(self.cache)
+            if window + 1 < len(self.windows):
+                self._prefetch = (window + 1, self._reader.submit(self._read_window, window + 1))
         out = np.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
         for b in needed:
             here = blocks == b
             out[here] = self.cache[b][rows[here] - b * self.block]
         return torch.from_numpy(out).to(self.device)
 
+    def _take(self, window: int) -> dict[int, np.ndarray]:
+        if self._prefetch is not None and self._prefetch[0] == window:
+            blocks = self._prefetch[1].result()
+            self._prefetch = None
+            return {b: a for b, a in blocks.items() if b not in self.cache}
+        self._drop_prefetch()
+        return self._read_window(window, skip=set(self.cache))
+
+    def _read_window(self, window: int, skip=()) -> dict[int, np.ndarray]:
+        return {b: self._read_block(b) for b in self.windows[window] if b not in skip}
+
+    def _drop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            blocks = self._prefetch[1].result()
+            self._prefetch = None
+            with self._spare_lock:
+                self.spare += blocks.values()
+
+    def _release(self, blocks) -> None:
+        with self._spare_lock:
+            self.spare += [self.cache.pop(b) for b in blocks]
+
     def _read_block(self, b: int) -> np.ndarray:
         # Into a reused buffer: a fresh array per block fragments the heap, and the job's memory
         # then creeps up with the number of blocks read.
-        buffer = self.spare.pop() if self.spare else np.empty((self.block,) + tuple(self.images.shape[1:]),
-                                                              dtype=self.images.dtype)
+        with self._spare_lock:
+            buffer = self.spare.pop() if self.spare else None
+        if buffer is None:
+            buffer = np.empty((self.block,) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
         lo, hi = b * self.block, min(len(self.images), (b + 1) * self.block)
         if hasattr(self.images, "read_direct"):
             self.images.read_direct(buffer, np.s_[lo:hi], np.s_[0:hi - lo])
@@ -182,10 +237,11 @@ class StreamedRows:
         return buffer
 
 
-def training_rows(images, cfg: Mapping, device: torch.device):
+def training_rows(images, cfg: Mapping, device: torch.device, rank: int = 0, ranks: int = 1):
     """How the training loop reads ``images`` (an array or an h5py dataset) under ``cfg['loader']``."""
     if cfg["loader"] == "stream":
-        return StreamedRows(images, cfg["shuffle_window"], device)
+        return StreamedRows(images, cfg["shuffle_window"], device, batch_size=cfg["batch_size"], rank=rank,
+                            ranks=ranks)
     return InMemoryRows(images[:] if not isinstance(images, np.ndarray) else images, device)
 
 
@@ -263,7 +319,7 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
         else:
             log.info("ignoring %s: it was made with other settings", resume_path)
 
-    rows = training_rows(images, cfg, device)
+    rows = training_rows(images, cfg, device, rank, n_ranks)
     y_all = torch.from_numpy(np.asarray(labels)).to(device)
     if val is not None:
         x_val, y_val = val[0], torch.from_numpy(np.asarray(val[1])).to(device)
@@ -273,7 +329,6 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
     bf16 = cfg["precision"] == "bfloat16"
     threat = attacks.threat_model(adv["norm"], adv["eps"], adv["step_size"]) if adv else None
     n, bs = len(labels), cfg["batch_size"]
-    steps_per_epoch = max(1, n // bs) if cfg["drop_last"] and n >= bs else math.ceil(n / bs)
     if n_ranks > 1 and (bs % n_ranks or not cfg["drop_last"] or n < bs):
         raise ValueError(f"training with {n_ranks} processes needs batch_size ({bs}) divisible by the number "
                          f"of processes, drop_last: true and at least one full batch ({n} rows)")
@@ -281,6 +336,10 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
         order, gen = rows.epoch_order(seed, epoch)
+        # Every row once (in memory, or streamed by one process), less the rows a streamed epoch
+        # of several processes leaves over.
+        steps_per_epoch = (max(1, len(order) // bs) if cfg["drop_last"] and len(order) >= bs
+                           else math.ceil(len(order) / bs))
         if n_ranks > 1:  # same order on every rank; augmentation and attack starts differ per rank
             gen = torch.Generator().manual_seed(derived_seed("rank", seed, epoch, rank))
         for group in opt.param_groups:
