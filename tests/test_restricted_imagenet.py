@@ -360,3 +360,56 @@ def test_the_whole_pipeline_runs_on_a_tiny_imagenet_tree(tmp_path):
     assert "launching 2 training processes" in log and "rank 0" in log
     standard = torch.load(results / "sources" / "standard" / "model.pt", weights_only=True)
     assert standard["arch"] == "resnet18_imagenet" and standard["config"]["train"]["processes"] == 2
+
+
+_KILLED_PREPARE = """
+import os, signal, sys
+from notbugs import data, hdf5
+hdf5.CHUNK_BYTES = {chunk_bytes}  # several chunks per split, as at 224 px
+calls = 0
+decode = data.load_imagenet_image
+def dying_decode(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls > {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode(*args, **kwargs)
+data.load_imagenet_image = dying_decode
+data.prepare({cfg!r}, seed=3, output={out!r})
+"""
+
+
+@pytest.mark.parametrize("kill_after", [7, 60])  # in the train split; in the test split
+def test_a_killed_data_stage_resumes_to_the_same_file(tree, tmp_path, kill_after):
+    import subprocess
+
+    root, _ = tree
+    cfg = _cfg(root, n_val=9)
+    straight = tmp_path / "straight" / "data.h5"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hdf5, "CHUNK_BYTES", SMALL_CHUNKS)
+        prepare(cfg, seed=3, output=straight)
+    killed = tmp_path / "killed" / "data.h5"
+    code = _KILLED_PREPARE.format(chunk_bytes=SMALL_CHUNKS, kill_after=kill_after, cfg=cfg, out=str(killed))
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert partial_path(killed).exists() and not killed.exists()
+    import h5py
+    import json
+    with h5py.File(partial_path(killed), "r") as f:
+        written = sum(json.loads(f.attrs["rows_done"]).values())
+    assert written > 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hdf5, "CHUNK_BYTES", SMALL_CHUNKS)
+        writes = []
+        original = hdf5.ArtifactWriter.append
+        mp.setattr(hdf5.ArtifactWriter, "append", lambda self, split, arrays, state=None: (
+            writes.append((split, len(arrays["labels"]))), original(self, split, arrays, state))[1])
+        prepare(cfg, seed=3, output=killed)
+        resumed_rows = sum(n for _, n in writes)
+    with hdf5.open_artifact(straight) as a, hdf5.open_artifact(killed) as b:
+        total = sum(len(a.split(s)) for s in a.splits)
+        assert resumed_rows == total - written, "the rerun continues after the rows written before the kill"
+        assert a.attrs["mean"] == b.attrs["mean"] and a.attrs["std"] == b.attrs["std"]
+        for split in a.splits:
+            for column in a.split(split).columns:
+                assert np.array_equal(a.split(split)[column][:], b.split(split)[column][:]), (split, column)

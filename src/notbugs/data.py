@@ -50,7 +50,8 @@ every effect of the paper on a small CNN in a few CPU minutes)
     split at 224 px), so it is streamed to the file a chunk at a time
     (:class:`notbugs.hdf5.ArtifactWriter`) with running channel statistics. An unreadable or
     corrupt image file stops the stage with an error naming it: nothing is skipped silently, so
-    the data set is exactly the tree's images (and the file never appears half-written).
+    the data set is exactly the tree's images (and the file never appears half-written). A job
+    killed midway (SIGKILL, a time limit) continues after its last written chunk when rerun.
 
 Every source takes optional class-balanced, seeded subsets ``n_train`` / ``n_test`` and holds a
 class-balanced validation split of ``n_val`` images out of the training pool (:func:`split_indices`;
@@ -60,6 +61,8 @@ an independent draw for synthetic data).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -69,6 +72,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from notbugs import hdf5
+from notbugs.runtime import partial_path
 from notbugs.sampling import balanced_subset
 
 log = logging.getLogger(__name__)
@@ -284,6 +288,20 @@ class RunningChannelStats:
         self._m2 = self._m2 + m2 + delta ** 2 * (self.count * n / total)
         self.count = total
 
+    def to_state(self) -> dict:
+        """Everything seen so far, as JSON-able values (floats round-trip exactly)."""
+        if self._mean is None:
+            return {"count": 0}
+        return {"count": self.count, "mean": self._mean.tolist(), "m2": self._m2.tolist()}
+
+    @classmethod
+    def from_state(cls, state: Mapping | None) -> "RunningChannelStats":
+        stats = cls()
+        if state and state.get("count"):
+            stats.count = int(state["count"])
+            stats._mean, stats._m2 = np.asarray(state["mean"]), np.asarray(state["m2"])
+        return stats
+
     def result(self) -> tuple[list[float], list[float]]:
         if self._mean is None:
             raise ValueError("no images seen")
@@ -488,25 +506,35 @@ def prepare_restricted_imagenet(dataset_cfg: Mapping, seed: int, output: str | P
                    f"shorter side resized to {resize}, centre crop {resolution}")
     log.info("%s: %s images", description, " / ".join(f"{len(v.paths)} {k}" for k, v in splits.items()))
     decode = functools.partial(load_imagenet_image, resolution=resolution, resize=resize)
-    stats = RunningChannelStats()
+    # A killed run's partial file is continued only if it was made from the same settings and files.
+    fingerprint = json.dumps({"config": dict(dataset_cfg), "seed": seed, "files": {
+        split: hashlib.sha256("\n".join(items.paths).encode()).hexdigest() for split, items in splits.items()}},
+        sort_keys=True, default=str)
     pool = None
     if workers > 1:
         import multiprocessing
         # fork: the workers need nothing but this module, and spawn would re-run a script's top level
         pool = multiprocessing.get_context("fork").Pool(workers)
     try:
-        with hdf5.ArtifactWriter(output, "data", {k: len(v.paths) for k, v in splits.items()}, columns) as writer:
+        with hdf5.ArtifactWriter(output, "data", {k: len(v.paths) for k, v in splits.items()}, columns,
+                                 fingerprint=fingerprint) as writer:
+            stats = RunningChannelStats.from_state(writer.state)
+            if any(writer.rows_done.values()):
+                log.info("continuing %s: %s rows already written", partial_path(output),
+                         ", ".join(f"{s} {n}" for s, n in writer.rows_done.items()))
             block = writer.chunk_rows("images")
             for split, items in splits.items():
-                with tqdm(total=len(items.paths), desc=f"{split} images", unit="img", mininterval=2) as bar:
-                    lo = 0
-                    for images in _decoded_blocks(items.paths, block, decode, pool):
+                lo = writer.rows_done[split]
+                with tqdm(total=len(items.paths), initial=lo, desc=f"{split} images", unit="img",
+                          mininterval=2) as bar:
+                    for images in _decoded_blocks(items.paths[lo:], block, decode, pool):
                         hi = lo + len(images)
                         batch = np.stack(images)
                         if split == "train":
                             stats.update(batch)
                         writer.append(split, {"images": batch, "labels": items.labels[lo:hi],
-                                              "imagenet_index": items.imagenet_index[lo:hi]})
+                                              "imagenet_index": items.imagenet_index[lo:hi]},
+                                      state=stats.to_state())
                         bar.update(len(images))
                         lo = hi
             mean, std = stats.result()

@@ -241,8 +241,11 @@ class ArtifactWriter:
     attributes and ``class_names``, checks the layout as a reader would, and only then renames
     the file to ``path``. Used as a context manager, leaving the block without :meth:`finish`
     (an exception, Ctrl-C) deletes the partial file; a killed process leaves at most the
-    ``.partial`` file, never a finished-looking one, and the next writer starts it afresh.
-    Unlike :class:`ChunkedWriter` it does not resume. Typical use::
+    ``.partial`` file, never a finished-looking one. With a ``fingerprint`` (everything that
+    determines the content) a writer that finds a killed run's partial file of the same
+    fingerprint and layout continues it: :attr:`rows_done` says where each split stands, and
+    :attr:`state` returns what the last :meth:`append` stored with its rows (e.g. running
+    statistics); any other partial file is started afresh. Typical use::
 
         columns = {"images": ColumnSpec((3, 224, 224), "uint8"), "labels": ColumnSpec((), "int64")}
         with ArtifactWriter(path, "data", {"train": n_train, "test": n_test}, columns) as w:
@@ -252,7 +255,7 @@ class ArtifactWriter:
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, splits: Mapping[str, int],
-                 columns: Mapping[str, ColumnSpec]):
+                 columns: Mapping[str, ColumnSpec], fingerprint: str | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown artifact kind {kind!r}; expected one of {sorted(KINDS)}")
         missing = set(KINDS[kind]) - set(splits)
@@ -273,16 +276,47 @@ class ArtifactWriter:
         self.n_rows = {split: int(n) for split, n in splits.items()}
         self.columns = dict(columns)
         self.rows_done = {split: 0 for split in splits}
+        self.state = None
+        self.fingerprint = fingerprint
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = partial_path(self.path)
-        self._partial.unlink(missing_ok=True)  # a killed earlier run's leftover
-        self._file = h5py.File(self._partial, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        self._file = self._reopen()
+        if self._file is None:
+            self._partial.unlink(missing_ok=True)  # another run's leftover
+            self._file = h5py.File(self._partial, "w", rdcc_nbytes=CHUNK_CACHE_BYTES)
+            try:
+                for split, n in self.n_rows.items():
+                    _create_split(self._file, split, n, self.columns)
+                if fingerprint is not None:
+                    self._file.attrs["fingerprint"] = fingerprint
+                    self._file.attrs["rows_done"] = json.dumps(self.rows_done)
+                self._file.flush()
+            except BaseException:
+                self.abort()
+                raise
+
+    def _reopen(self) -> h5py.File | None:
+        """A killed run's partial file of the same fingerprint and layout, opened to continue."""
+        if self.fingerprint is None or not self._partial.exists():
+            return None
         try:
-            for split, n in self.n_rows.items():
-                _create_split(self._file, split, n, self.columns)
-        except BaseException:
-            self.abort()
-            raise
+            f = h5py.File(self._partial, "a", rdcc_nbytes=CHUNK_CACHE_BYTES)
+        except OSError:
+            return None
+        try:
+            same = (f.attrs.get("fingerprint") == self.fingerprint
+                    and set(f.keys()) == set(self.n_rows)
+                    and all(set(f[s].keys()) == set(self.columns) for s in self.n_rows)
+                    and all(f[s][c].shape == (n,) + tuple(spec.shape) and f[s][c].dtype == np.dtype(spec.dtype)
+                            for s, n in self.n_rows.items() for c, spec in self.columns.items()))
+            if same:
+                self.rows_done = {s: int(v) for s, v in json.loads(f.attrs["rows_done"]).items()}
+                self.state = json.loads(f.attrs["state"]) if "state" in f.attrs else None
+                return f
+        except (KeyError, ValueError, OSError):
+            pass
+        f.close()
+        return None
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -300,8 +334,10 @@ class ArtifactWriter:
     def done(self) -> bool:
         return all(self.rows_done[s] >= n for s, n in self.n_rows.items())
 
-    def append(self, split: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write the next rows of ``split``: one array per column, all of the same length."""
+    def append(self, split: str, arrays: Mapping[str, np.ndarray], state=None) -> None:
+        """Write the next rows of ``split``: one array per column, all of the same length. With a
+        fingerprint, ``state`` (anything JSON can hold) is stored with the row counts, for a
+        resumed writer's :attr:`state`."""
         if split not in self.n_rows:
             raise ValueError(f"{self.path}: no split {split!r} (splits: {sorted(self.n_rows)})")
         if set(arrays) != set(self.columns):
@@ -317,6 +353,13 @@ class ArtifactWriter:
         for name, arr in arrays.items():
             group[name][start:stop] = arr
         self.rows_done[split] = stop
+        if self.fingerprint is not None:
+            # Data first, then the counters: a kill in between only redoes one block.
+            self._file.flush()
+            self._file.attrs["rows_done"] = json.dumps(self.rows_done)
+            if state is not None:
+                self._file.attrs["state"] = json.dumps(state)
+            self._file.flush()
 
     def finish(self, *, class_names: Sequence[str], config: Mapping, seed: int, source: str,
                extra_attrs: Mapping | None = None) -> Path:
@@ -325,6 +368,9 @@ class ArtifactWriter:
             progress = ", ".join(f"{s} {self.rows_done[s]}/{n}" for s, n in self.n_rows.items())
             raise RuntimeError(f"{self.path}: not every row is written ({progress})")
         f = self._file
+        for key in ("fingerprint", "rows_done", "state"):
+            if key in f.attrs:
+                del f.attrs[key]
         _write_root_attrs(f, self.kind, config, seed, source, extra_attrs)
         f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
         try:

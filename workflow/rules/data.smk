@@ -12,6 +12,6 @@ rule prepare_data:
     threads: config["threads"]
     resources:
         mem_mb=8000,
-        runtime=60,
+        runtime=240,  # minutes; Restricted ImageNet decodes ~267,000 JPEGs
     script:
         "../scripts/prepare_data.py"
