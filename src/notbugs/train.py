@@ -163,7 +163,8 @@ class StreamedRows:
         self.images, self.device = images, device
         self.batch_size, self.rank, self.ranks = batch_size, rank, ranks
         chunks = getattr(images, "chunks", None)
-        self.block = chunks[0] if chunks else ROWS_PER_CHUNK
+        # Whole chunks, or on a set too small to give every rank several, parts of one.
+        self.block = min(chunks[0] if chunks else ROWS_PER_CHUNK, max(1, math.ceil(len(images) / (4 * ranks))))
         self.window_blocks = max(1, window_rows // self.block)
         self.cache: dict[int, np.ndarray] = {}
         self.spare: list[np.ndarray] = []
@@ -340,6 +341,9 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
         # of several processes leaves over.
         steps_per_epoch = (max(1, len(order) // bs) if cfg["drop_last"] and len(order) >= bs
                            else math.ceil(len(order) / bs))
+        if len(order) < bs and n_ranks > 1:
+            raise ValueError(f"{n} training rows give the {n_ranks} processes no full batch of {bs} this "
+                             "epoch; use fewer processes or a smaller batch_size")
         if n_ranks > 1:  # same order on every rank; augmentation and attack starts differ per rank
             gen = torch.Generator().manual_seed(derived_seed("rank", seed, epoch, rank))
         for group in opt.param_groups:
