@@ -223,7 +223,7 @@ import sys, torch
 torch.set_num_threads(1)
 from notbugs.config import complete
 from notbugs.train import job_spec, run_job
-cfg = complete("targets.train", dict(epochs=1, batch_size=128, loader=sys.argv[4], shuffle_window=1024))
+cfg = complete("targets.train", dict(epochs=1, batch_size=128, loader=sys.argv[4], shuffle_window=256))
 job = job_spec(rule="bench", data=sys.argv[1], train_set=sys.argv[1], arch="small_cnn", train_cfg=cfg, seeds=[0],
                out_dirs=[sys.argv[3]], validation=complete("validation"), device="cpu", threads=1)
 run_job(job, torch.device("cpu"))

@@ -14,7 +14,7 @@ always the *last* epoch; nothing is selected on the test set.
 Data that does not fit in memory (``loader: stream``): the training split is read from its HDF5
 file in whole chunks. Each epoch shuffles the chunks, groups them into windows of about
 ``shuffle_window`` rows and shuffles the rows inside each window, so at most two windows are in
-memory whatever the size of the set. ``loader: memory`` (the default) holds the whole split on
+memory whatever the size of the set; with several processes each reads only its own chunks. ``loader: memory`` (the default) holds the whole split on
 the device and shuffles it as one window.
 
 Several processes (``processes`` > 1): :func:`run_job` runs as one rank of a
@@ -148,18 +148,18 @@ class InMemoryRows:
     def read(self, rows: torch.Tensor) -> torch.Tensor:
         return self.images[rows.to(self.images.device)]
 
+    def predictions(self, model, batch_size: int) -> torch.Tensor:
+        """The model's class for every row, in row order."""
+        return predictions(model, self.images, batch_size)
+
 
 class StreamedRows:
     """The training split read from an array or HDF5 dataset (:func:`windowed_order`): this rank's
-    blocks of one window are read together, in a background thread while the previous window
-    trains. At most three windows of blocks are held: the tail of the last, the current one and
-    the next."""
+    blocks of one window are read together when the first of them is needed. At most two windows
+    of blocks are held: the tail of the last one and the current one."""
 
     def __init__(self, images, window_rows: int, device: torch.device, *, batch_size: int = 1,
                  rank: int = 0, ranks: int = 1):
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
-
         self.images, self.device = images, device
         self.batch_size, self.rank, self.ranks = batch_size, rank, ranks
         chunks = getattr(images, "chunks", None)
@@ -168,18 +168,15 @@ class StreamedRows:
         self.window_blocks = max(1, window_rows // self.block)
         self.cache: dict[int, np.ndarray] = {}
         self.spare: list[np.ndarray] = []
-        self._spare_lock = threading.Lock()
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="notbugs-prefetch")
-        self._prefetch = None  # (window index, future of {block: array})
 
     def epoch_order(self, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
         gen = epoch_generator(seed, epoch)
         order, windows = windowed_order(len(self.images), self.block, self.window_blocks, gen,
                                         batch_size=self.batch_size, ranks=self.ranks)
-        self._drop_prefetch()
         self.windows = windows[self.rank]
         self.window_index = {b: w for w, window in enumerate(self.windows) for b in window}
-        self._release([b for b in self.cache])
+        self.spare += self.cache.values()
+        self.cache.clear()
         return order, gen
 
     def read(self, rows: torch.Tensor) -> torch.Tensor:
@@ -188,48 +185,33 @@ class StreamedRows:
         needed = set(blocks.tolist())
         missing = needed - set(self.cache)
         if missing:
-            self._release([b for b in self.cache if b not in needed])
+            for b in [b for b in self.cache if b not in needed]:
+                self.spare.append(self.cache.pop(b))
             while missing:  # one window, or more where a window holds fewer rows than a batch
-                window = self.window_index[min(missing, key=self.window_index.get)]
-                self.cache.update(self._take(window))
+                window = self.windows[self.window_index[min(missing, key=self.window_index.get)]]
+                self.cache.update({b: self._read_block(b) for b in window if b not in self.cache})
                 missing = needed - set(self.cache)
-            if window + 1 < len(self.windows):
-                self._prefetch = (window + 1, self._reader.submit(self._read_window, window + 1))
         out = np.empty((len(rows),) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
         for b in needed:
             here = blocks == b
             out[here] = self.cache[b][rows[here] - b * self.block]
         return torch.from_numpy(out).to(self.device)
 
-    def _take(self, window: int) -> dict[int, np.ndarray]:
-        if self._prefetch is not None and self._prefetch[0] == window:
-            blocks = self._prefetch[1].result()
-            self._prefetch = None
-            return {b: a for b, a in blocks.items() if b not in self.cache}
-        self._drop_prefetch()
-        return self._read_window(window, skip=set(self.cache))
-
-    def _read_window(self, window: int, skip=()) -> dict[int, np.ndarray]:
-        return {b: self._read_block(b) for b in self.windows[window] if b not in skip}
-
-    def _drop_prefetch(self) -> None:
-        if self._prefetch is not None:
-            blocks = self._prefetch[1].result()
-            self._prefetch = None
-            with self._spare_lock:
-                self.spare += blocks.values()
-
-    def _release(self, blocks) -> None:
-        with self._spare_lock:
-            self.spare += [self.cache.pop(b) for b in blocks]
+    def predictions(self, model, batch_size: int) -> torch.Tensor:
+        """The model's class for every row, in row order, reading the file a block at a time."""
+        out = []
+        for b in range(math.ceil(len(self.images) / self.block)):
+            buffer = self._read_block(b)
+            rows = min(len(self.images), (b + 1) * self.block) - b * self.block
+            out.append(predictions(model, torch.from_numpy(buffer[:rows]).to(self.device), batch_size))
+            self.spare.append(buffer)
+        return torch.cat(out)
 
     def _read_block(self, b: int) -> np.ndarray:
         # Into a reused buffer: a fresh array per block fragments the heap, and the job's memory
         # then creeps up with the number of blocks read.
-        with self._spare_lock:
-            buffer = self.spare.pop() if self.spare else None
-        if buffer is None:
-            buffer = np.empty((self.block,) + tuple(self.images.shape[1:]), dtype=self.images.dtype)
+        buffer = self.spare.pop() if self.spare else np.empty((self.block,) + tuple(self.images.shape[1:]),
+                                                              dtype=self.images.dtype)
         lo, hi = b * self.block, min(len(self.images), (b + 1) * self.block)
         if hasattr(self.images, "read_direct"):
             self.images.read_direct(buffer, np.s_[lo:hi], np.s_[0:hi - lo])
@@ -389,8 +371,7 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
         return {"train_seconds": elapsed, "final_train_acc": None, "train_fit": None}
     # How well the model fits its own training set (un-augmented): a control such as a
     # leakage-only set means nothing if its shortcut was never learnt (docs/paper-notes.md §6).
-    fit_images = rows.images if isinstance(rows, InMemoryRows) else images
-    train_fit = float((predictions(model, fit_images, bs, device) == y_all).float().mean())
+    train_fit = float((rows.predictions(model, bs) == y_all).float().mean())
     log.info("fit of its own training set: %.4f", train_fit)
     write_log(out_dir / "train_log.csv", history)
     save_checkpoint(out_dir / "model.pt", model, arch=arch, num_classes=num_classes, mean=mean, std=std,
