@@ -78,6 +78,17 @@ def _create_split(f: h5py.File, split: str, n_rows: int, columns: Mapping[str, "
         group.create_dataset(name, shape=shape, dtype=spec.dtype, **_dataset_kwargs(shape, spec.dtype))
 
 
+def _seal(f: h5py.File, kind: str, class_names: Sequence[str], config: Mapping, seed: int, source: str,
+          extra_attrs: Mapping | None) -> None:
+    """Turn a partial file into a finished artifact's content: drop the resume bookkeeping, write
+    the root attributes and the class names."""
+    for key in ("fingerprint", "rows_done", "state"):
+        if key in f.attrs:
+            del f.attrs[key]
+    _write_root_attrs(f, kind, config, seed, source, extra_attrs)
+    f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
+
+
 def _write_root_attrs(f: h5py.File, kind: str, config: Mapping, seed: int, source: str,
                       extra_attrs: Mapping | None) -> None:
     f.attrs["format"] = FORMAT
@@ -218,10 +229,7 @@ class ChunkedWriter:
         if not self.done:
             raise RuntimeError(f"{self.path}: only {self.rows_done}/{self.n_rows} rows written")
         f = self._file
-        for key in ("fingerprint", "rows_done"):
-            del f.attrs[key]
-        _write_root_attrs(f, kind, config, seed, source, extra_attrs)
-        f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
+        _seal(f, kind, class_names, config, seed, source, extra_attrs)
         f.close()
         os.replace(self._partial, self.path)
         return self.path
@@ -368,11 +376,7 @@ class ArtifactWriter:
             progress = ", ".join(f"{s} {self.rows_done[s]}/{n}" for s, n in self.n_rows.items())
             raise RuntimeError(f"{self.path}: not every row is written ({progress})")
         f = self._file
-        for key in ("fingerprint", "rows_done", "state"):
-            if key in f.attrs:
-                del f.attrs[key]
-        _write_root_attrs(f, self.kind, config, seed, source, extra_attrs)
-        f.create_dataset("class_names", data=np.array(list(class_names), dtype=h5py.string_dtype()))
+        _seal(f, self.kind, class_names, config, seed, source, extra_attrs)
         try:
             _check_layout(self.path, f, self.kind)
         except ArtifactError as exc:

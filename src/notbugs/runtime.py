@@ -35,11 +35,11 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
-def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto"):
+def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto", prefix: str = ""):
     """:func:`start_logging`, then use ``threads`` CPU threads and return the torch device."""
     import torch
 
-    start_logging(log_path)
+    start_logging(log_path, prefix)
     torch.set_num_threads(max(1, int(threads)))
     torch.set_flush_denormal(True)  # denormals make CPU attacks on robust models several times slower
     resolved = resolve_device(device)

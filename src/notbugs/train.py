@@ -482,21 +482,18 @@ def _distributed_rank_main(spec_path: str) -> None:
 
     import torch.distributed as dist
 
-    from notbugs.runtime import die_with_parent, resolve_device, start_logging
+    from notbugs.runtime import die_with_parent, start_job
 
     die_with_parent()
     job = json.loads(Path(spec_path).read_text())
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(job["device"])
+    processes = job["train"]["processes"]
+    device = start_job(None, job["threads"] // processes, job["device"], prefix=f"rank {os.environ.get('RANK', 0)}")
     if device.type == "cuda":
-        if torch.cuda.device_count() < job["train"]["processes"]:
-            raise RuntimeError(f"{job['train']['processes']} training processes need as many GPUs; "
+        if torch.cuda.device_count() < processes:
+            raise RuntimeError(f"{processes} training processes need as many GPUs; "
                                f"this job sees {torch.cuda.device_count()} (request them: resources gpu)")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    start_logging(None, prefix=f"rank {os.environ.get('RANK', 0)}")
-    torch.set_num_threads(max(1, job["threads"] // job["train"]["processes"]))
-    torch.set_flush_denormal(True)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         run_job(job, device)
