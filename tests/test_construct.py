@@ -269,3 +269,35 @@ def test_inversion_switches_its_source_to_a_straight_through_relu():
     off = construct.Inversion(construction_config(method="inversion", source="s", straight_through_relu=False),
                               seed=0).prepare_source(_model())
     assert not any(m.straight_through for m in off.modules() if isinstance(m, FinalReLU))
+
+
+def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_them(tmp_path):
+    from helpers import make_data_artifact, train_tiny_model
+    from notbugs import hdf5
+    from notbugs.config import complete
+    data_path = make_data_artifact(tmp_path / "data.h5", n_train=200, n_test=50)
+    source = train_tiny_model(data_path, tmp_path / "source", epochs=2)
+
+    def build(name, keep, twin=None):
+        cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_det", mask="label")) if twin else
+               complete(f"constructions.{name}", dict(method="pgd", source="standard", target="next", eps=0.5,
+                                                       steps=5, step_size=0.1, keep=keep)))
+        return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
+                                   output=tmp_path / f"{name}-{keep}.h5", seed=0, device=torch.device("cpu"),
+                                   chunk_size=64, fast=complete("fast_paths"), twin=twin)
+
+    every, kept = build("d_det", "all"), build("d_det", "reached")
+    with hdf5.open_artifact(every) as a, hdf5.open_artifact(kept) as b:
+        reached = a.split("train")["target_reached"][:]
+        assert 0 < reached.sum() < len(reached), "the test needs an attack that fails on some rows"
+        for column in ("images", "labels", "orig_index", "perturbation_norm"):
+            np.testing.assert_array_equal(b.split("train")[column][:], a.split("train")[column][:][reached])
+        assert b.split("train")["target_reached"][:].all()
+        assert b.attrs["success_rate"] == a.attrs["success_rate"] == reached.mean()  # the attack's, over every row
+        assert (b.attrs["rows_kept"], b.attrs["rows_attacked"]) == (reached.sum(), len(reached))
+    assert sorted(p.name for p in tmp_path.glob("d_det-reached.h5*")) == ["d_det-reached.h5"]
+
+    twin = build("d_leak_det", "twin", twin=kept)
+    with hdf5.open_artifact(twin) as t, hdf5.open_artifact(kept) as b:
+        np.testing.assert_array_equal(t.split("train")["orig_index"][:], b.split("train")["orig_index"][:])
+        np.testing.assert_array_equal(t.split("train").labels, b.split("train").labels)

@@ -52,7 +52,7 @@ def test_training_resumes_after_sigkill_with_identical_result(tmp_path, kill_at)
     assert not (killed / "checkpoints").exists(), "resume state is removed once the model is final"
 
 
-def _construct_code(data_path, source, output, chunk_size):
+def _construct_code(data_path, source, output, chunk_size, keep="all"):
     return textwrap.dedent(f"""
         import logging, sys, torch
         torch.set_num_threads(1)
@@ -60,24 +60,26 @@ def _construct_code(data_path, source, output, chunk_size):
         from notbugs.config import complete
         from notbugs.construct import construct
         cfg = complete("constructions.d_det", dict(method="pgd", source="standard", target="next", eps=0.5,
-                                                   steps=20, step_size=0.1))
+                                                   steps=20, step_size=0.1, keep={keep!r}))
         construct("d_det", cfg, data_path={str(data_path)!r}, source_checkpoint={str(source)!r},
                   output={str(output)!r}, seed=0, device=torch.device("cpu"), chunk_size={chunk_size},
                   fast=complete("fast_paths"))
     """)
 
 
-@pytest.mark.parametrize("kill_after_rows", [100, 300])
-def test_construction_resumes_after_sigkill_with_identical_file(tmp_path, kill_after_rows):
+@pytest.mark.parametrize("kill_after_rows,keep", [(100, "all"), (300, "all"), (300, "reached")])
+def test_construction_resumes_after_sigkill_with_identical_file(tmp_path, kill_after_rows, keep):
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=400, n_test=100)
     source = train_tiny_model(data_path, tmp_path / "source", epochs=2)
     straight, killed = tmp_path / "straight.h5", tmp_path / "killed.h5"
-    run_python(_construct_code(data_path, source, straight, 50))
+    run_python(_construct_code(data_path, source, straight, 50, keep))
 
-    run_and_kill(_construct_code(data_path, source, killed, 50), trigger=f"{kill_after_rows}/400 rows done")
+    run_and_kill(_construct_code(data_path, source, killed, 50, keep), trigger=f"{kill_after_rows}/400 rows done")
     assert not killed.exists(), "a killed construction must not leave a finished-looking file"
-    assert killed.with_name(killed.name + ".partial").exists()
-    run_python(_construct_code(data_path, source, killed, 50))
+    building = killed.with_name(killed.name + (".all.partial" if keep == "reached" else ".partial"))
+    assert building.exists()
+    run_python(_construct_code(data_path, source, killed, 50, keep))
+    assert not building.exists() and not list(tmp_path.glob("killed.h5.*"))
 
     with h5py.File(straight, "r") as fa, h5py.File(killed, "r") as fb:
         assert sorted(fa["train"]) == sorted(fb["train"])

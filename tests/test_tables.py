@@ -143,12 +143,12 @@ def test_summary_lists_every_bar_row_and_claim_with_intervals():
                           "robust_acc_ci_low": float("nan"), "robust_acc_ci_high": float("nan")}])
     t1 = pd.DataFrame([{"train_set": "d_rand", "arch": "m", "eps": 0.5, "replicates": 3, "test_acc": 30.0,
                         "test_acc_ci_low": 25.0, "test_acc_ci_high": 35.0, "train_fit": 99.0, "paper_test_acc": 63.3,
-                        "paper_origin": "paper"}])
+                        "paper_origin": "paper", "train_rows": 6266, "construction_success_rate": 62.7}])
     cl = pd.DataFrame([{"better": "d_rand", "worse": "d_leak_rand", "arch": "m", "metric": "clean", "diff": 5.0,
                         "diff_ci_low": 1.0, "diff_ci_high": 9.0, "p_value": 1e-5, "worst_replicate_p": 0.003}])
     text = summary_markdown(fig2, t1, cl, dataset="x", description="JPEG copy", eps=0.25)
     assert "| standard_on_d_r (targets/d_r/m) | 3 | 70.0 [60.0, 80.0] | 50.0 [40.0, 60.0] |" in text
     assert "| adversarial_on_d (sources/robust) | 1 | 69.3 | 60.0 |" in text  # one model: no interval
-    assert "| d_rand | m | 0.5 | 3 | 30.0 [25.0, 35.0] | 99.0 | 63.3 (paper) |" in text
+    assert "| d_rand | 6,266 | 62.7 | m | 0.5 | 3 | 30.0 [25.0, 35.0] | 99.0 | 63.3 (paper) |" in text
     assert "| d_rand > d_leak_rand (m) | clean | +5.0 [1.0, 9.0] | 1e-05 | 0.003 |" in text
     assert "JPEG copy" in text and "eps = 0.25" in text

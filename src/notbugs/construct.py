@@ -33,6 +33,7 @@ from tqdm import tqdm
 from notbugs import attacks, hdf5
 from notbugs.batches import predict, read_rows, to_float
 from notbugs.models import accelerate, file_sha256, load_model, straight_through_last_relu
+from notbugs.runtime import partial_path
 from notbugs.sampling import choose_targets, chunk_generator, derangement
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,14 @@ def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.nda
             "robust_says_label_rate": float((predictions == labels).mean())}
 
 
+def _copy_rows(source: hdf5.ChunkedWriter, destination: hdf5.ChunkedWriter, rows: np.ndarray, block: int) -> None:
+    """Append ``source``'s rows ``rows`` (increasing) to ``destination``, from where it stands."""
+    for start in range(destination.rows_done, len(rows), block):
+        wanted = rows[start:start + block]
+        lo, hi = int(wanted[0]), int(wanted[-1]) + 1
+        destination.append({name: source.dataset(name)[lo:hi][wanted - lo] for name in destination.columns})
+
+
 def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
     return {
         "images": hdf5.ColumnSpec(image_shape, "float32"),
@@ -332,7 +341,13 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                                   "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
                                   "twin": file_sha256(twin) if twin else None,
                                   "data": file_sha256(data_path)}, sort_keys=True)
-        writer = hdf5.ChunkedWriter(output, n, {**_columns(image_shape), **method.extra_columns}, fingerprint)
+        columns = {**_columns(image_shape), **method.extra_columns}
+        keep_reached = cfg.get("keep", "all") == "reached"
+        # keep: reached builds every row first (under another name) and copies the rows whose
+        # attack reached t into the output afterwards; both steps resume after a kill.
+        build_path = Path(output).with_name(Path(output).name + ".all") if keep_reached else output
+        writer = hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
+        kept_writer = None
         if writer.rows_done:
             log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
         bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
@@ -357,7 +372,25 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 log.info("%s: %d/%d rows done", name, lo + len(index), n)
             bar.close()
             norms = writer.read_column("perturbation_norm")
-            check = (robust_leakage_check(check_checkpoint, writer, targets[rows], labels[rows], chunk_size, device, fast)
+            reached = writer.read_column("target_reached")
+            attack_summary = {
+                "success_rate": float(reached.mean()) if method.has_success_rate else float("nan"),
+                "mean_perturbation_norm": float(norms.mean()),
+                "max_perturbation_norm": float(norms.max()),
+                "unperturbed_rate": float((norms == 0).mean()),
+            }
+            kept = np.arange(n)
+            final = writer
+            if keep_reached:
+                kept = np.flatnonzero(reached)
+                if len(kept) == 0:
+                    raise ValueError(f"construction {name}: the attack reached its target on no row, so "
+                                     "keep: reached leaves an empty set")
+                final = kept_writer = hdf5.ChunkedWriter(output, len(kept), columns, fingerprint + " keep=reached")
+                _copy_rows(writer, kept_writer, kept, chunk_size)
+                log.info("%s: kept the %d/%d rows whose attack reached its target", name, len(kept), n)
+            check = (robust_leakage_check(check_checkpoint, final, targets[rows[kept]], labels[rows[kept]],
+                                          chunk_size, device, fast)
                      if check_checkpoint else {})
             summary = {
                 "method": cfg["method"],
@@ -365,19 +398,22 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
-                "success_rate": (float(writer.read_column("target_reached").mean())
-                                 if method.has_success_rate else float("nan")),
-                "mean_perturbation_norm": float(norms.mean()),
-                "max_perturbation_norm": float(norms.max()),
-                "label_equals_orig_rate": float((targets[rows] == labels[rows]).mean()),
-                "rows_kept": n,
+                **attack_summary,
+                "label_equals_orig_rate": float((targets[rows[kept]] == labels[rows[kept]]).mean()),
+                "rows_kept": len(kept),
+                "rows_attacked": n,
                 "rows_in_source_set": len(labels),
-                "unperturbed_rate": float((norms == 0).mean()),
                 "twin": str(twin) if twin else "",
                 **check,
             }
             log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
-            return writer.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
-                                 seed=seed, source=f"{cfg['method']} construction {name!r}", extra_attrs=summary)
+            finished = final.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
+                                    seed=seed, source=f"{cfg['method']} construction {name!r}", extra_attrs=summary)
+            if keep_reached:
+                writer.close()
+                partial_path(build_path).unlink(missing_ok=True)
+            return finished
         finally:
             writer.close()
+            if kept_writer is not None:
+                kept_writer.close()

@@ -37,7 +37,7 @@ TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "
 DISTANCE_QUANTILES = {"inversion": ("inversion_distance", (10, 50, 90)), "blend": ("blend_lambda", (10, 50, 90))}
 DISTANCE_PREFIXES = tuple(f"{prefix}_" for prefix, _ in DISTANCE_QUANTILES.values())
 CONSTRUCTION_ATTRS = ("success_rate", "mean_perturbation_norm", "eps", "unperturbed_rate", "robust_says_target_rate",
-                     "robust_says_label_rate")
+                     "robust_says_label_rate", "rows_kept")
 _REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
 
 
@@ -124,6 +124,7 @@ def table1(models: pd.DataFrame, n_classes: int, constructions: Mapping[str, Map
                     "replicates": len(rows), **summary_columns("test_acc", list(rows.std_acc)),
                     "train_fit": rows.train_fit.mean(),
                     "construction_success_rate": first.construction_success_rate,
+                    "train_rows": cons.get("rows_kept", float("nan")),
                     "unperturbed_rate": 100 * cons.get("unperturbed_rate", float("nan")),
                     "robust_says_target": 100 * cons.get("robust_says_target_rate", float("nan")),
                     "robust_says_label": 100 * cons.get("robust_says_label_rate", float("nan")), "n_test": n,
@@ -290,11 +291,15 @@ def summary_markdown(figure2_table: pd.DataFrame, table1_table: pd.DataFrame, cl
         lines.append(f"| {row['label']} ({row['model']}) | {row['replicates']} | {_with_interval(row, 'std_acc')} | "
                      f"{_with_interval(row, 'robust_acc')} |")
     lines += ["", "## Table 1 (test accuracy of targets trained on each set)", "",
-              "| training set | arch | eps | replicates | test acc | fit of own training set | paper |", "|---|---|---|---|---|---|---|"]
+              "| training set | rows | attack reached t | arch | eps | replicates | test acc | fit of own training set | paper |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for _, row in table1_table.iterrows():
         paper = "–" if pd.isna(row["paper_test_acc"]) else f"{row['paper_test_acc']:g} ({row['paper_origin']})"
         eps_text = "–" if pd.isna(row["eps"]) else f"{row['eps']:g}"
-        lines.append(f"| {row['train_set']} | {row['arch']} | {eps_text} | {row['replicates']} | "
+        rows_text = "–" if pd.isna(row.get("train_rows", float("nan"))) else f"{int(row['train_rows']):,}"
+        success = row.get("construction_success_rate", float("nan"))
+        success_text = "–" if pd.isna(success) else f"{success:.1f}"
+        lines.append(f"| {row['train_set']} | {rows_text} | {success_text} | {row['arch']} | {eps_text} | {row['replicates']} | "
                      f"{_with_interval(row, 'test_acc')} | {row['train_fit']:.1f} | {paper} |")
     lines += ["", "## Claims against their controls", "",
               "| claim | metric | difference [95% interval] | p (sign test) | p (worst replicate pair, one-sided) |",
