@@ -271,33 +271,88 @@ def test_inversion_switches_its_source_to_a_straight_through_relu():
     assert not any(m.straight_through for m in off.modules() if isinstance(m, FinalReLU))
 
 
-def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_them(tmp_path):
+def _keep_reached_setup(tmp_path):
     from helpers import make_data_artifact, train_tiny_model
-    from notbugs import hdf5
-    from notbugs.config import complete
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=200, n_test=50)
-    source = train_tiny_model(data_path, tmp_path / "source", epochs=2)
+    return data_path, train_tiny_model(data_path, tmp_path / "source", epochs=2)
 
-    def build(name, keep, twin=None):
-        cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_det", mask="label")) if twin else
-               complete(f"constructions.{name}", dict(method="pgd", source="standard", target="next", eps=0.5,
-                                                       steps=5, step_size=0.1, keep=keep)))
-        return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
-                                   output=tmp_path / f"{name}-{keep}.h5", seed=0, device=torch.device("cpu"),
-                                   chunk_size=64, fast=complete("fast_paths"), twin=twin)
 
-    every, kept = build("d_det", "all"), build("d_det", "reached")
+def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None):
+    from notbugs.config import complete
+    cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_rand", mask="label")) if twin else
+           complete(f"constructions.{name}", dict(method="pgd", source="standard", target="random", eps=0.5,
+                                                   steps=5, step_size=0.1, keep=keep)))
+    return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
+                               output=tmp_path / f"{name}-{keep or 'twin'}.h5", seed=0, device=torch.device("cpu"),
+                               chunk_size=64, fast=complete("fast_paths"), twin=twin, check_checkpoint=check)
+
+
+def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_them(tmp_path):
+    from notbugs import hdf5
+    from notbugs.batches import predict
+    from notbugs.config import complete
+    from notbugs.models import accelerate, load_model
+    data_path, source = _keep_reached_setup(tmp_path)
+    every = _build(tmp_path, data_path, source, "d_rand", "all")
+    kept = _build(tmp_path, data_path, source, "d_rand", "reached", check=source)
     with hdf5.open_artifact(every) as a, hdf5.open_artifact(kept) as b:
-        reached = a.split("train")["target_reached"][:]
+        all_rows, kept_rows = a.split("train"), b.split("train")
+        reached = all_rows["target_reached"][:]
         assert 0 < reached.sum() < len(reached), "the test needs an attack that fails on some rows"
-        for column in ("images", "labels", "orig_index", "perturbation_norm"):
-            np.testing.assert_array_equal(b.split("train")[column][:], a.split("train")[column][:][reached])
-        assert b.split("train")["target_reached"][:].all()
-        assert b.attrs["success_rate"] == a.attrs["success_rate"] == reached.mean()  # the attack's, over every row
+        for column in ("images", "labels", "orig_index", "orig_label", "perturbation_norm"):
+            np.testing.assert_array_equal(kept_rows[column][:], all_rows[column][:][reached])
+        assert kept_rows["target_reached"][:].all()
+        # the attack's success is over every attacked row; the other statistics describe the file's rows
+        assert b.attrs["success_rate"] == a.attrs["success_rate"] == reached.mean()
         assert (b.attrs["rows_kept"], b.attrs["rows_attacked"]) == (reached.sum(), len(reached))
-    assert sorted(p.name for p in tmp_path.glob("d_det-reached.h5*")) == ["d_det-reached.h5"]
+        norms = kept_rows["perturbation_norm"][:]
+        assert b.attrs["mean_perturbation_norm"] == pytest.approx(norms.mean())
+        assert b.attrs["max_perturbation_norm"] == pytest.approx(norms.max())
+        assert b.attrs["unperturbed_rate"] == pytest.approx((norms == 0).mean())
+        t, y = kept_rows.labels, kept_rows["orig_label"][:]
+        assert 0 < b.attrs["label_equals_orig_rate"] == pytest.approx((t == y).mean())
+        model = accelerate(load_model(source, device=torch.device("cpu"))[0], complete("fast_paths"))
+        says = predict(model, kept_rows.images, 64, torch.device("cpu"))
+        assert b.attrs["robust_says_target_rate"] == pytest.approx((says == t).mean())
+        assert b.attrs["robust_says_label_rate"] == pytest.approx((says == y).mean())
+    assert sorted(p.name for p in tmp_path.glob("d_rand-reached.h5*")) == ["d_rand-reached.h5"]
 
-    twin = build("d_leak_det", "twin", twin=kept)
+    twin = _build(tmp_path, data_path, source, "d_leak_rand", twin=kept)
     with hdf5.open_artifact(twin) as t, hdf5.open_artifact(kept) as b:
         np.testing.assert_array_equal(t.split("train")["orig_index"][:], b.split("train")["orig_index"][:])
         np.testing.assert_array_equal(t.split("train").labels, b.split("train").labels)
+
+
+def test_keep_reached_resumes_a_copy_that_was_interrupted(tmp_path, monkeypatch):
+    import h5py
+    data_path, source = _keep_reached_setup(tmp_path)
+    straight = _build(tmp_path, data_path, source, "d_rand", "reached")
+    straight = straight.rename(tmp_path / "straight.h5")
+
+    copy_rows = construct._copy_rows
+
+    def copy_one_block_then_die(source_writer, destination, rows, block, name):
+        copy_rows(source_writer, destination, rows[:len(rows) // 2], block, name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(construct, "_copy_rows", copy_one_block_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path, data_path, source, "d_rand", "reached")
+    output = tmp_path / "d_rand-reached.h5"
+    assert not output.exists()
+    with h5py.File(tmp_path / "d_rand-reached.h5.partial") as f, h5py.File(straight) as a:
+        assert f.attrs["rows_done"] == a.attrs["rows_kept"] // 2 > 0
+    started_at = []
+
+    def record_where_it_starts(source_writer, destination, rows, block, name):
+        started_at.append(destination.rows_done)
+        copy_rows(source_writer, destination, rows, block, name)
+
+    monkeypatch.setattr(construct, "_copy_rows", record_where_it_starts)
+    _build(tmp_path, data_path, source, "d_rand", "reached")
+    with h5py.File(straight) as a:
+        assert started_at == [a.attrs["rows_kept"] // 2], "the copy continues where it stopped"
+    with h5py.File(straight) as a, h5py.File(output) as b:
+        for column in a["train"]:
+            np.testing.assert_array_equal(a["train"][column][:], b["train"][column][:])
+    assert sorted(p.name for p in tmp_path.glob("d_rand-reached.h5*")) == ["d_rand-reached.h5"]

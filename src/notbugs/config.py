@@ -207,7 +207,7 @@ def expand_studies(config: dict) -> bool:
         for i, fresh_name in enumerate(fresh, start=1):
             _add(sources, "sources", fresh_name, {**copy.deepcopy(base), "seed": config["seed"] + 1000 + i})
         _add(constructions, "constructions", nontransferable_set(name), {
-            **{k: v for k, v in cons.items() if k in ("target", "eps", "steps", "step_size", "keep_best")},
+            **{k: v for k, v in cons.items() if k in ("target", "eps", "steps", "step_size", "keep_best", "keep")},
             "method": "nontransferable", "source": cons["source"], "ensemble": fresh[:-1],
             "ensemble_weight": study["ensemble_weight"]})
         _add(sources, "sources", RELABEL_SOURCE,

@@ -19,6 +19,7 @@ Methods (docs/paper-notes.md §2 and §6):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -283,12 +284,13 @@ def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.nda
             "robust_says_label_rate": float((predictions == labels).mean())}
 
 
-def _copy_rows(source: hdf5.ChunkedWriter, destination: hdf5.ChunkedWriter, rows: np.ndarray, block: int) -> None:
+def _copy_rows(source: hdf5.ChunkedWriter, destination: hdf5.ChunkedWriter, rows: np.ndarray, block: int,
+               name: str) -> None:
     """Append ``source``'s rows ``rows`` (increasing) to ``destination``, from where it stands."""
     for start in range(destination.rows_done, len(rows), block):
         wanted = rows[start:start + block]
-        lo, hi = int(wanted[0]), int(wanted[-1]) + 1
-        destination.append({name: source.dataset(name)[lo:hi][wanted - lo] for name in destination.columns})
+        destination.append({column: source.dataset(column)[wanted] for column in destination.columns})
+        log.info("%s: %d/%d kept rows copied", name, start + len(wanted), len(rows))
 
 
 def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
@@ -346,6 +348,8 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         # keep: reached builds every row first (under another name) and copies the rows whose
         # attack reached t into the output afterwards; both steps resume after a kill.
         build_path = Path(output).with_name(Path(output).name + ".all") if keep_reached else output
+        if not keep_reached:  # a keep: reached run of this set that was killed and is now reconfigured
+            partial_path(Path(output).with_name(Path(output).name + ".all")).unlink(missing_ok=True)
         writer = hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
         kept_writer = None
         if writer.rows_done:
@@ -371,14 +375,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 bar.update(len(index))
                 log.info("%s: %d/%d rows done", name, lo + len(index), n)
             bar.close()
-            norms = writer.read_column("perturbation_norm")
             reached = writer.read_column("target_reached")
-            attack_summary = {
-                "success_rate": float(reached.mean()) if method.has_success_rate else float("nan"),
-                "mean_perturbation_norm": float(norms.mean()),
-                "max_perturbation_norm": float(norms.max()),
-                "unperturbed_rate": float((norms == 0).mean()),
-            }
             kept = np.arange(n)
             final = writer
             if keep_reached:
@@ -386,9 +383,11 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 if len(kept) == 0:
                     raise ValueError(f"construction {name}: the attack reached its target on no row, so "
                                      "keep: reached leaves an empty set")
-                final = kept_writer = hdf5.ChunkedWriter(output, len(kept), columns, fingerprint + " keep=reached")
-                _copy_rows(writer, kept_writer, kept, chunk_size)
+                kept_sha = hashlib.sha256(kept.astype(np.int64).tobytes()).hexdigest()
+                final = kept_writer = hdf5.ChunkedWriter(output, len(kept), columns, f"{fingerprint} kept={kept_sha}")
+                _copy_rows(writer, kept_writer, kept, chunk_size, name)
                 log.info("%s: kept the %d/%d rows whose attack reached its target", name, len(kept), n)
+            norms = writer.read_column("perturbation_norm")[kept]
             check = (robust_leakage_check(check_checkpoint, final, targets[rows[kept]], labels[rows[kept]],
                                           chunk_size, device, fast)
                      if check_checkpoint else {})
@@ -398,7 +397,11 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
-                **attack_summary,
+                # the attack's success over every attacked row; the norms describe the rows kept
+                "success_rate": float(reached.mean()) if method.has_success_rate else float("nan"),
+                "mean_perturbation_norm": float(norms.mean()),
+                "max_perturbation_norm": float(norms.max()),
+                "unperturbed_rate": float((norms == 0).mean()),
                 "label_equals_orig_rate": float((targets[rows[kept]] == labels[rows[kept]]).mean()),
                 "rows_kept": len(kept),
                 "rows_attacked": n,
