@@ -299,3 +299,22 @@ def test_command_line_overrides_keep_their_types(config):
     assert config["evaluation"]["eps"] == [0.25, 0.5] and config["evaluation"]["figure2_autoattack"] is None
     config["evaluation"]["steps"] = "many"
     assert "evaluation.steps" in _error(config)
+
+
+def test_epochs_by_set_sets_one_training_sets_epochs(config):
+    from notbugs.config import target_train_config
+    config["targets"]["epochs_by_set"] = {"d_rand": 30, "d_leak_rand": 30}
+    validate_config(config, SCHEMA)
+    assert target_train_config(config, "d_rand") == {**config["targets"]["train"], "epochs": 30}
+    assert target_train_config(config, "d")["epochs"] == config["targets"]["train"]["epochs"] != 30
+
+
+def test_epochs_by_set_must_name_a_training_set(config):
+    config["targets"]["epochs_by_set"] = {"d_nope": 30}
+    assert "targets.epochs_by_set.d_nope" in _error(config)
+
+
+def test_a_claim_and_its_control_must_train_for_the_same_epochs(config):
+    config["targets"]["epochs_by_set"] = {"d_rand": 30}
+    message = _error(config)
+    assert "comparisons." in message and "d_leak_rand" in message and "same recipe" in message

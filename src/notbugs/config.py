@@ -321,7 +321,16 @@ def check_references(config: Mapping) -> None:
     if check is not None and check not in sources:
         raise ConfigError(f"config key 'robust_leakage_check': no source named {check!r} (sources: {sorted(sources)})")
     train_sets = config["targets"]["train_sets"]
+    for train_set in config["targets"]["epochs_by_set"]:
+        if train_set not in train_sets:
+            raise ConfigError(f"config key 'targets.epochs_by_set.{train_set}': not one of targets.train_sets "
+                              f"({train_sets})")
     for i, comparison in enumerate(config["comparisons"]):
+        epochs = {s: target_train_config(config, s)["epochs"] for s in (comparison["better"], comparison["worse"])}
+        if len(set(epochs.values())) > 1:
+            raise ConfigError(f"config key 'comparisons.{i}': {comparison['better']} and {comparison['worse']} train "
+                              f"for different numbers of epochs ({epochs}, targets.epochs_by_set); a claim and "
+                              "its control need the same recipe")
         radii = {constructions[s]["eps"] for s in (comparison["better"], comparison["worse"])
                  if s in constructions and "eps" in constructions[s]}
         if len(radii) > 1:
@@ -353,6 +362,13 @@ def check_references(config: Mapping) -> None:
     if eps not in config["evaluation"]["eps"]:
         raise ConfigError(f"config key 'figures.figure2_eps': {eps} is not one of the radii that evaluation "
                           f"computes (evaluation.eps: {config['evaluation']['eps']})")
+
+
+def target_train_config(config: Mapping, train_set: str) -> dict:
+    """The training settings of the targets trained on ``train_set``: targets.train, with the
+    epochs of targets.epochs_by_set where it names the set."""
+    targets = config["targets"]
+    return {**targets["train"], "epochs": targets["epochs_by_set"].get(train_set, targets["train"]["epochs"])}
 
 
 def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:

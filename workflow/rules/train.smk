@@ -35,7 +35,7 @@ rule train_target:
         logs=target_files("train_log.csv"),
     params:
         arch=lambda wc: wc.arch,
-        train=config["targets"]["train"],
+        train=lambda wc: target_train_config(config, wc.train_set),
         # Fresh targets: a seed of their own, never the sources' (docs/paper-notes.md §3).
         seeds=lambda wc: [target_seed(config["seed"], wc.train_set, wc.arch, k) for k in job_replicates(wc)],
         validation=config["validation"],
