@@ -347,9 +347,10 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         keep_reached = cfg.get("keep", "all") == "reached"
         # keep: reached builds every row first (under another name) and copies the rows whose
         # attack reached t into the output afterwards; both steps resume after a kill.
-        build_path = Path(output).with_name(Path(output).name + ".all") if keep_reached else output
+        all_rows_path = Path(output).with_name(Path(output).name + ".all")
+        build_path = all_rows_path if keep_reached else output
         if not keep_reached:  # a keep: reached run of this set that was killed and is now reconfigured
-            partial_path(Path(output).with_name(Path(output).name + ".all")).unlink(missing_ok=True)
+            partial_path(all_rows_path).unlink(missing_ok=True)
         writer = hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
         kept_writer = None
         if writer.rows_done:
