@@ -34,8 +34,9 @@ def default_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("default")
     finished = os.environ.get("NOTBUGS_FINISHED_DEFAULT_RUN")
     if finished:
-        for part in ("results", "logs", ".snakemake/metadata"):
-            shutil.copytree(Path(finished) / part, workdir / part)
+        for part in ("results", "logs", "benchmarks", ".snakemake/metadata"):
+            if (Path(finished) / part).exists():
+                shutil.copytree(Path(finished) / part, workdir / part)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     snakemake(workdir, config)
     snakemake(workdir, config, "--report", str(workdir / "report.html"))

@@ -97,7 +97,8 @@ def make_imagenet_tree(root: Path, indices=KEPT + DROPPED, per_wnid=None, seed: 
 
 
 def parse_dry_run(text: str) -> list[dict]:
-    """One dict per job that ``snakemake -n`` planned: ``rule``, first ``output``, ``resources``."""
+    """One dict per job that ``snakemake -n`` planned: ``rule``, first ``output``, ``resources``,
+    ``threads`` (Snakemake prints them only above 1)."""
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
         head = re.match(r"(?:local)?rule (\w+):", block)
@@ -106,8 +107,9 @@ def parse_dry_run(text: str) -> list[dict]:
         output = re.search(r"^\s+output: ([^,\n]+)", block, re.M)
         res_line = re.search(r"^\s+resources: (.*)$", block, re.M)
         resources = dict(item.split("=", 1) for item in res_line.group(1).split(", ")) if res_line else {}
+        threads = re.search(r"^\s+threads: (\d+)", block, re.M)
         jobs.append({"rule": head.group(1), "output": output.group(1).strip() if output else "",
-                     "resources": resources})
+                     "resources": resources, "threads": int(threads.group(1)) if threads else 1})
     return jobs
 
 

@@ -80,3 +80,33 @@ def test_bench_reports_every_contender_against_the_peak_of_its_precision(capsys)
     bf16_lines = [line for line in out.splitlines() if "bf16" in line and "% of the" in line]
     assert len(bf16_lines) == 2 and all("of the bfloat16 peak" in line for line in bf16_lines)
     assert "ratio bf16/float32 PGD" in out and "ratio notbugs/reference train" in out
+
+
+def test_bench_stages_names_a_missing_run_and_a_foreign_file(tmp_path, capsys):
+    assert main(["bench", "--stages", str(tmp_path)]) == 2
+    assert "no Snakemake benchmark files" in capsys.readouterr().err
+    (tmp_path / "train_source").mkdir()
+    (tmp_path / "train_source" / "robust.tsv").write_text("a\tb\n1\t2\n")
+    assert main(["bench", "--stages", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "robust.tsv is not a Snakemake benchmark file" in err and "cpu_time" in err
+
+
+def test_bench_split_compares_jobs_side_by_side_with_one_threaded_job(capsys):
+    """Structure, not speed: each job kind gets a positive rate in both layouts and their ratio."""
+    from notbugs.bench import thread_split
+    rows = thread_split(archs=["small_cnn"], cores=2, batch=8, steps=1, min_seconds=0.3, rounds=1)
+    assert [r["kind"] for r in rows] == ["attack", "inversion", "training"]
+    for row in rows:
+        assert row["side_by_side"] > 0 and row["one_job"] > 0
+        assert row["ratio"] == row["side_by_side"] / row["one_job"]
+    out = capsys.readouterr().out
+    assert "2 jobs x 1 thread against 1 job x 2 threads" in out and out.count("small_cnn ") == 3
+
+
+def test_bench_operators_lists_each_job_kinds_costliest_operators(capsys):
+    assert main(["bench", "--operators", "--arch", "small_cnn", "--batch", "8", "--steps", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("attack", "inversion", "training"):
+        assert f"small_cnn {kind}: top 8 operators" in out
+    assert "aten::" in out

@@ -34,6 +34,32 @@ def test_default_run_produces_every_table_figure_and_the_report(default_run):
     assert "## Claims against their controls" in summary and "d_r > d_r_blend" in summary
 
 
+def test_every_job_leaves_a_benchmark_and_the_stage_profile_sums_them(default_run, capsys):
+    """Each job's log has a Snakemake benchmark file beside it (same path under benchmarks/),
+    and `notbugs bench --stages` adds up exactly those files, rule by rule."""
+    from notbugs.cli import main
+    workdir, results = default_run
+    dataset = results.name
+    logs = {p.relative_to(workdir / "logs" / dataset).with_suffix("")
+            for p in (workdir / "logs" / dataset).rglob("*.log")}
+    bench_dir = workdir / "benchmarks" / dataset
+    benchmarks = {p.relative_to(bench_dir).with_suffix("") for p in bench_dir.rglob("*.tsv")}
+    assert logs and benchmarks == logs
+    walls = {}
+    for path in bench_dir.rglob("*.tsv"):
+        rule = path.relative_to(bench_dir).parts[0]
+        walls[rule] = walls.get(rule, 0.0) + pd.read_csv(path, sep="\t")["s"].iloc[-1]
+    assert main(["bench", "--stages", str(bench_dir)]) == 0
+    out = capsys.readouterr().out
+    from notbugs.bench import stage_profile
+    profile = stage_profile(bench_dir)
+    assert profile.loc["all jobs", "jobs"] == len(benchmarks)
+    for rule, wall in walls.items():
+        assert f"| {rule} " in out
+        assert profile.loc[rule, "wall_min"] == pytest.approx(wall / 60)
+    assert profile.loc["train_source", "cpu_min"] > 0
+
+
 def _chromium(workdir, *args: str) -> str:
     """Run Debian's headless Chromium on the run's report.html with ``args``; its stdout."""
     import os

@@ -86,6 +86,17 @@ def test_dry_run_plans_every_stage(tmp_path):
                      "tables"} | PLOT_RULES
 
 
+def test_threads_by_rule_sets_one_rules_threads_and_leaves_the_others(tmp_path):
+    config = tiny_config()
+    config["threads_by_rule"] = {"train_source": 2}
+    jobs = parse_dry_run(snakemake(tmp_path, config, "--dry-run").stdout)
+    threads = {}
+    for job in jobs:
+        threads.setdefault(job["rule"], set()).add(job["threads"])
+    assert threads["train_source"] == {2}
+    assert threads["train_target"] == threads["construct"] == {config.get("threads", 1)}
+
+
 def test_prepare_data_writes_an_artifact_that_plain_h5py_reads(tmp_path):
     snakemake(tmp_path, tiny_config(), "results/tiny/data.h5")
     with h5py.File(tmp_path / "results/tiny/data.h5", "r") as f:
@@ -100,6 +111,7 @@ def test_prepare_data_writes_an_artifact_that_plain_h5py_reads(tmp_path):
     (lambda c: c["constructions"]["d_det"].update(eps=-0.5), "constructions.d_det.eps"),
     (lambda c: c["sources"]["standard"]["train"].update(epochz=3), "sources.standard.train"),
     (lambda c: c["evaluation"].update(steps="many"), "evaluation.steps"),
+    (lambda c: c.update(threads_by_rule={"train_sources": 2}), "threads_by_rule"),
 ])
 def test_invalid_config_stops_and_names_the_key(tmp_path, edit, key):
     config = tiny_config()

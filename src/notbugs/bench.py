@@ -268,3 +268,167 @@ def peak_rss(n: int, workdir, print_fn=print, jobs=MEMORY_JOBS) -> dict[str, dic
     for job, peak in peaks.items():
         print_fn(f"{job:<28} {peak[n]:9.1f} {peak[4 * n]:9.1f} {peak[4 * n] / peak[n]:7.3f}")
     return peaks
+
+
+def stage_profile(benchmark_dir) -> "pandas.DataFrame":
+    """Sum Snakemake's per-job benchmark files (``benchmarks/<dataset>/<rule>/...tsv``) by rule:
+    jobs, summed and longest wall time, CPU-seconds, cores busy per job (CPU-s / wall s) and the
+    largest peak RSS. Snakemake samples CPU time every 30 s, so a job's last seconds may be missing."""
+    import pandas as pd
+    from pathlib import Path
+
+    root = Path(benchmark_dir)
+    files = sorted(root.rglob("*.tsv"))
+    if not files:
+        raise ValueError(f"no Snakemake benchmark files (*.tsv) under {root}: run the pipeline first")
+    records = []
+    for path in files:
+        table = pd.read_csv(path, sep="\t", na_values=["NA", "-"])
+        missing = {"s", "cpu_time", "max_rss"} - set(table.columns)
+        if missing or table.empty:
+            raise ValueError(f"{path} is not a Snakemake benchmark file (missing {sorted(missing) or 'rows'})")
+        last = table.iloc[-1]  # a rule with repeat() writes a row per repetition
+        records.append({"rule": path.relative_to(root).parts[0], "wall_s": float(last["s"]),
+                        "cpu_s": float(last["cpu_time"]), "max_rss_mib": float(last["max_rss"])})
+    jobs = pd.DataFrame(records)
+    profile = jobs.groupby("rule").agg(jobs=("wall_s", "size"), wall_min=("wall_s", "sum"),
+                                       longest_job_min=("wall_s", "max"), cpu_min=("cpu_s", "sum"),
+                                       peak_rss_mib=("max_rss_mib", "max"))
+    profile[["wall_min", "longest_job_min", "cpu_min"]] /= 60
+    profile["cores_busy"] = profile["cpu_min"] / profile["wall_min"]
+    profile = profile.sort_values("wall_min", ascending=False)
+    total = pd.DataFrame({"jobs": [profile["jobs"].sum()], "wall_min": [profile["wall_min"].sum()],
+                          "longest_job_min": [profile["longest_job_min"].max()],
+                          "cpu_min": [profile["cpu_min"].sum()], "peak_rss_mib": [profile["peak_rss_mib"].max()]},
+                         index=pd.Index(["all jobs"], name="rule"))
+    total["cores_busy"] = total["cpu_min"] / total["wall_min"]
+    return pd.concat([profile, total])
+
+
+def print_stage_profile(benchmark_dir, print_fn=print) -> "pandas.DataFrame":
+    profile = stage_profile(benchmark_dir)
+    print_fn(f"Per-rule profile from {benchmark_dir} (wall and CPU summed over each rule's jobs; "
+             "jobs run side by side, so the sums exceed the end-to-end wall time)\n")
+    print_fn(profile.round({"wall_min": 1, "longest_job_min": 1, "cpu_min": 1, "peak_rss_mib": 0,
+                            "cores_busy": 2}).to_markdown())
+    return profile
+
+
+SPLIT_KINDS = ("attack", "inversion", "training")
+
+_SPLIT_CHILD = """
+import sys, time, torch
+kind, arch, batch, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
+from notbugs.bench import split_workload
+work, units = split_workload(kind, arch, batch, steps)
+work()
+print("ready", flush=True)
+while line := sys.stdin.readline():
+    seconds = float(line)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        work()
+        runs += 1
+    print(runs * units / (time.perf_counter() - start), flush=True)
+"""
+
+
+def split_workload(kind: str, arch: str, batch: int, steps: int):
+    """(function, units per call) of one job kind as the pipeline runs it, on random data:
+    ``attack`` (construction and evaluation: targeted L2 PGD on the accelerated model, in
+    image-steps), ``inversion`` (D_R / D_NR, image-steps) and ``training`` (a training step in
+    channels_last, images)."""
+    from notbugs.train import train_step
+    torch.manual_seed(0)
+    model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).eval()
+    x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    if kind == "attack":
+        fast = accelerate(model, complete("fast_paths"))
+        return (lambda: attacks.pgd(fast, x, y, eps=0.5, steps=steps, step_size=0.1, targeted=True)), batch * steps
+    if kind == "inversion":
+        fast, start = accelerate(model, complete("fast_paths")), torch.rand_like(x)
+        return (lambda: attacks.invert(fast, start, x, steps=steps, step_size=0.1, tolerance=0.1,
+                                       step_decay="none")), batch * steps
+    if kind == "training":
+        model = model.to(memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x_nhwc = attacks.channels_last(x)
+        return (lambda: train_step(model, opt, x_nhwc, y)), batch
+    raise ValueError(f"unknown job kind {kind!r}: one of {', '.join(SPLIT_KINDS)}")
+
+
+def thread_split(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, cores: int = 2, batch: int = 256, steps: int = 10,
+                 min_seconds: float = 3.0, rounds: int = 3, print_fn=print) -> list[dict]:
+    """Throughput of ``cores`` jobs side by side at 1 thread each against one job with ``cores``
+    threads, per job kind: the choice behind ``threads`` / ``threads_by_rule`` on a machine with
+    that many cores. Each contender runs in its own processes, started once; the two layouts take
+    turns for ``rounds`` rounds and the best round of each is kept."""
+    import subprocess
+    import sys
+
+    def start(kind, arch, threads):
+        proc = subprocess.Popen([sys.executable, "-c", _SPLIT_CHILD, kind, arch, str(batch), str(steps), str(threads)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if proc.stdout.readline().strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"the {kind} benchmark process for {arch} failed to start (see its stderr above)")
+        return proc
+
+    def measure(procs, seconds):
+        for proc in procs:
+            proc.stdin.write(f"{seconds}\n")
+            proc.stdin.flush()
+        return sum(float(proc.stdout.readline()) for proc in procs)
+
+    print_fn(f"{cores} jobs x 1 thread against 1 job x {cores} threads (batch {batch}, {steps} attack steps, "
+             f"best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)")
+    print_fn(f"{'arch':<16} {'job kind':<10} {'side by side':>14} {'one job':>12} {'ratio':>7}")
+    rows = []
+    for arch in archs:
+        for kind in kinds:
+            side_by_side = [start(kind, arch, 1) for _ in range(cores)]
+            one_job = [start(kind, arch, cores)]
+            best = {"side_by_side": 0.0, "one_job": 0.0}
+            try:
+                for _ in range(rounds):
+                    for layout, procs in (("side_by_side", side_by_side), ("one_job", one_job)):
+                        time.sleep(0.5)  # let the other layout's OpenMP threads stop spinning
+                        best[layout] = max(best[layout], measure(procs, min_seconds / rounds))
+            finally:
+                for proc in side_by_side + one_job:
+                    proc.stdin.close()
+                    proc.wait()
+            unit = "img/s" if kind == "training" else "img-steps/s"
+            rows.append({"arch": arch, "kind": kind, "unit": unit, **best,
+                         "ratio": best["side_by_side"] / best["one_job"]})
+            print_fn(f"{arch:<16} {kind:<10} {best['side_by_side']:>14.0f} {best['one_job']:>12.0f} "
+                     f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
+    return rows
+
+
+def top_operators(arch: str = "small_cnn_wide", kinds=SPLIT_KINDS, batch: int = 256, steps: int = 10,
+                  calls: int = 3, n: int = 8, print_fn=print) -> dict[str, list[tuple[str, float]]]:
+    """The torch profiler's ``n`` most expensive operators (self CPU time) of each job kind over
+    ``calls`` calls after a warm-up, with their share of the kind's total self time."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet Kineto's CUDA probe on machines without a GPU
+    tops = {}
+    for kind in kinds:
+        work, _ = split_workload(kind, arch, batch, steps)
+        work()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                work()
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        total = sum(e.self_cpu_time_total for e in events)
+        ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+        tops[kind] = [(e.key, e.self_cpu_time_total / total) for e in ranked]
+        print_fn(f"\n{arch} {kind}: top {n} operators by self CPU time ({torch.get_num_threads()} threads, "
+                 f"batch {batch}, {calls} calls)")
+        for name, share in tops[kind]:
+            print_fn(f"  {100 * share:5.1f}%  {name}")
+    return tops

@@ -90,6 +90,17 @@ def bench_command(args: argparse.Namespace) -> int:
     from notbugs import bench
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stages:
+        bench.print_stage_profile(args.stages)
+        return 0
+    if args.operators:
+        for arch in args.arch:
+            bench.top_operators(arch, batch=args.batch, steps=args.steps)
+        return 0
+    if args.split:
+        bench.thread_split(archs=args.arch, cores=args.split, batch=args.batch, steps=args.steps,
+                           min_seconds=args.seconds)
+        return 0
     if args.memory:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
@@ -119,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
     b.add_argument("--memory", type=int, metavar="N", default=0,
                    help="instead: peak RSS of a construction and of training over N and 4N images")
+    b.add_argument("--operators", action="store_true",
+                   help="instead: the torch profiler's top operators of each job kind")
+    b.add_argument("--split", type=int, metavar="CORES", default=0,
+                   help="instead: CORES jobs x 1 thread against 1 job x CORES threads, per job kind")
+    b.add_argument("--stages", metavar="DIR",
+                   help="instead: sum a pipeline run's Snakemake benchmark files by rule (e.g. benchmarks/cifar10)")
     b.set_defaults(func=bench_command)
     args = parser.parse_args(argv)
     try:

@@ -19,6 +19,8 @@ except ConfigError as exc:
 DATASET = config["dataset"]["name"]
 RESULTS = f"results/{DATASET}"
 LOGS = f"logs/{DATASET}"
+# Snakemake's per-job wall time, CPU-seconds and peak memory; `notbugs bench --stages` sums them.
+BENCHMARKS = f"benchmarks/{DATASET}"
 SOURCES = sorted(config["sources"])
 CONSTRUCTIONS = sorted(config["constructions"])
 TRAIN_SETS = list(config["targets"]["train_sets"])
@@ -37,6 +39,10 @@ def _wants_gpu():
 GPU = _wants_gpu()
 
 
+def rule_threads(rule):
+    return config["threads_by_rule"].get(rule, config["threads"])
+
+
 def target_dir(train_set, arch, replicate=1):
     """One target model's directory under RESULTS; the studies use replicate 1."""
     return f"targets/{train_set}/{arch}/r{replicate}"
@@ -50,9 +56,17 @@ def target_files(name):
     return [f"{RESULTS}/targets/{{train_set}}/{{arch}}/r{{replicate}}/{name}"]
 
 
-def target_job_log(stage):
+def _target_job_file(root, stage, suffix):
     replicate = "" if GROUP_REPLICATES else "_r{replicate}"
-    return f"{LOGS}/{stage}/{{train_set}}/{{arch}}{replicate}.log"
+    return f"{root}/{stage}/{{train_set}}/{{arch}}{replicate}{suffix}"
+
+
+def target_job_log(stage):
+    return _target_job_file(LOGS, stage, ".log")
+
+
+def target_job_benchmark(stage):
+    return _target_job_file(BENCHMARKS, stage, ".tsv")
 
 
 def job_replicates(wildcards):

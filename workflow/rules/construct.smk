@@ -11,10 +11,12 @@ rule construct:
         chunk_size=config["chunk_size"],
     log:
         f"{LOGS}/construct/{{name}}.log",
+    benchmark:
+        f"{BENCHMARKS}/construct/{{name}}.tsv",
     priority: 1
     conda:
         "../../envs/notbugs.yaml"
-    threads: config["threads"]
+    threads: rule_threads("construct")
     resources:
         gpu=lambda wc: GPU if "source" in config["constructions"][wc.name] else 0,
         mem_mb=8000,

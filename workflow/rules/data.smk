@@ -6,10 +6,12 @@ rule prepare_data:
         seed=config["seed"],
     log:
         f"{LOGS}/prepare_data.log",
+    benchmark:
+        f"{BENCHMARKS}/prepare_data.tsv",
     conda:
         "../../envs/notbugs.yaml"
     # processes that decode images (restricted_imagenet); the other sources use one
-    threads: config["threads"]
+    threads: rule_threads("prepare_data")
     resources:
         mem_mb=8000,
         runtime=240,  # minutes; Restricted ImageNet decodes ~267,000 JPEGs

@@ -12,9 +12,11 @@ rule evaluate_source:
         device=config["device"],
     log:
         f"{LOGS}/evaluate_source/{{source}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate_source/{{source}}.tsv",
     conda:
         "../../envs/notbugs.yaml"
-    threads: config["threads"]
+    threads: rule_threads("evaluate_source")
     resources:
         gpu=GPU,
         mem_mb=8000,
@@ -37,9 +39,11 @@ rule evaluate_target:
         device=config["device"],
     log:
         target_job_log("evaluate_target"),
+    benchmark:
+        target_job_benchmark("evaluate_target"),
     conda:
         "../../envs/notbugs.yaml"
-    threads: config["threads"]
+    threads: rule_threads("evaluate_target")
     resources:
         gpu=GPU,
         mem_mb=8000,
@@ -66,9 +70,11 @@ if AUTOATTACK:
             device=config["device"],
         log:
             f"{LOGS}/evaluate_autoattack/{{model_dir}}.log",
+        benchmark:
+            f"{BENCHMARKS}/evaluate_autoattack/{{model_dir}}.tsv",
         conda:
             "../../envs/notbugs.yaml"
-        threads: config["threads"]
+        threads: rule_threads("evaluate_autoattack")
         resources:
             gpu=GPU,
             mem_mb=8000,

@@ -8,6 +8,8 @@ rule plot_figure2:
         plot="figure2",
     log:
         f"{LOGS}/plot/figure2.log",
+    benchmark:
+        f"{BENCHMARKS}/plot/figure2.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:
@@ -24,6 +26,8 @@ rule plot_summary_page:
         plot="summary_page",
     log:
         f"{LOGS}/plot/summary_page.log",
+    benchmark:
+        f"{BENCHMARKS}/plot/summary_page.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:
@@ -40,6 +44,8 @@ rule plot_table1:
         plot="table1",
     log:
         f"{LOGS}/plot/table1.log",
+    benchmark:
+        f"{BENCHMARKS}/plot/table1.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:
@@ -57,6 +63,8 @@ rule plot_training_curves:
         names=model_dirs(),
     log:
         f"{LOGS}/plot/training_curves.log",
+    benchmark:
+        f"{BENCHMARKS}/plot/training_curves.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:
@@ -76,6 +84,8 @@ rule plot_grid:
         amplify=config["figures"]["amplify"],
     log:
         f"{LOGS}/plot/grid_{{name}}.log",
+    benchmark:
+        f"{BENCHMARKS}/plot/grid_{{name}}.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:

@@ -22,9 +22,11 @@ if STUDIES["transfer"]["enabled"]:
             device=config["device"],
         log:
             f"{LOGS}/studies/transfer.log",
+        benchmark:
+            f"{BENCHMARKS}/studies/transfer.tsv",
         conda:
             "../../envs/notbugs.yaml"
-        threads: config["threads"]
+        threads: rule_threads("studies")
         resources:
             gpu=GPU,
             mem_mb=8000,
@@ -54,9 +56,11 @@ if STUDIES["robust_leakage"]["enabled"]:
             study=STUDIES["robust_leakage"],
         log:
             f"{LOGS}/studies/robust_leakage.log",
+        benchmark:
+            f"{BENCHMARKS}/studies/robust_leakage.tsv",
         conda:
             "../../envs/notbugs.yaml"
-        threads: config["threads"]
+        threads: rule_threads("studies")
         script:
             "../scripts/studies.py"
 
@@ -75,9 +79,11 @@ if STUDIES["gaussian"]["enabled"]:
             seed=config["seed"],
         log:
             f"{LOGS}/studies/gaussian.log",
+        benchmark:
+            f"{BENCHMARKS}/studies/gaussian.tsv",
         conda:
             "../../envs/notbugs.yaml"
-        threads: config["threads"]
+        threads: rule_threads("studies")
         script:
             "../scripts/studies.py"
 
@@ -110,9 +116,11 @@ if STUDIES["rebuttals"]["enabled"]:
             device=config["device"],
         log:
             f"{LOGS}/studies/rebuttals.log",
+        benchmark:
+            f"{BENCHMARKS}/studies/rebuttals.tsv",
         conda:
             "../../envs/notbugs.yaml"
-        threads: config["threads"]
+        threads: rule_threads("studies")
         resources:
             gpu=GPU,
         script:
@@ -133,6 +141,8 @@ for _study in ENABLED_STUDIES:
             plot=_study,
         log:
             f"{LOGS}/plot/{_study}.log",
+        benchmark:
+            f"{BENCHMARKS}/plot/{_study}.tsv",
         conda:
             "../../envs/notbugs.yaml"
         script:

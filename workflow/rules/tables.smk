@@ -20,6 +20,8 @@ rule tables:
         constructions=CONSTRUCTIONS,
     log:
         f"{LOGS}/tables.log",
+    benchmark:
+        f"{BENCHMARKS}/tables.tsv",
     conda:
         "../../envs/notbugs.yaml"
     script:

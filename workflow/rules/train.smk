@@ -12,11 +12,13 @@ rule train_source:
         device=config["device"],
     log:
         f"{LOGS}/train_source/{{source}}.log",
+    benchmark:
+        f"{BENCHMARKS}/train_source/{{source}}.tsv",
     # Sources, then constructions, head the longest chains: start them before quick jobs.
     priority: 2
     conda:
         "../../envs/notbugs.yaml"
-    threads: config["threads"]
+    threads: rule_threads("train_source")
     resources:
         # one GPU per training process (train.processes > 1: DistributedDataParallel)
         gpu=lambda wc: GPU * config["sources"][wc.source]["train"]["processes"],
@@ -42,9 +44,11 @@ rule train_target:
         device=config["device"],
     log:
         target_job_log("train_target"),
+    benchmark:
+        target_job_benchmark("train_target"),
     conda:
         "../../envs/notbugs.yaml"
-    threads: config["threads"]
+    threads: rule_threads("train_target")
     resources:
         gpu=GPU * config["targets"]["train"]["processes"],
         mem_mb=16000,
