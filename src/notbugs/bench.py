@@ -271,7 +271,8 @@ def peak_rss(n: int, workdir, print_fn=print, jobs=MEMORY_JOBS) -> dict[str, dic
 
 
 def stage_profile(benchmark_dir) -> "pandas.DataFrame":
-    """Sum Snakemake's per-job benchmark files (``benchmarks/<dataset>/<rule>/...tsv``) by rule:
+    """Sum Snakemake's per-job benchmark files (``benchmarks/<dataset>/<rule>/...tsv``, or
+    ``<rule>.tsv``; the plot and study rules share ``plot/`` and ``studies/``) by rule:
     jobs, summed and longest wall time, CPU-seconds, cores busy per job (CPU-s / wall s) and the
     largest peak RSS. Snakemake samples CPU time every 30 s, so a job's last seconds may be missing."""
     import pandas as pd
@@ -288,7 +289,8 @@ def stage_profile(benchmark_dir) -> "pandas.DataFrame":
         if missing or table.empty:
             raise ValueError(f"{path} is not a Snakemake benchmark file (missing {sorted(missing) or 'rows'})")
         last = table.iloc[-1]  # a rule with repeat() writes a row per repetition
-        records.append({"rule": path.relative_to(root).parts[0], "wall_s": float(last["s"]),
+        parts = path.relative_to(root).parts  # <rule>/... or <rule>.tsv; plot/ and studies/ hold families
+        records.append({"rule": parts[0] if len(parts) > 1 else path.stem, "wall_s": float(last["s"]),
                         "cpu_s": float(last["cpu_time"]), "max_rss_mib": float(last["max_rss"])})
     jobs = pd.DataFrame(records)
     profile = jobs.groupby("rule").agg(jobs=("wall_s", "size"), wall_min=("wall_s", "sum"),
