@@ -277,13 +277,14 @@ def _keep_reached_setup(tmp_path):
     return data_path, train_tiny_model(data_path, tmp_path / "source", epochs=2)
 
 
-def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None):
+def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None, precision="float32", steps=5):
     from notbugs.config import complete
     cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_rand", mask="label")) if twin else
            complete(f"constructions.{name}", dict(method="pgd", source="standard", target="random", eps=0.5,
-                                                   steps=5, step_size=0.1, keep=keep)))
+                                                   steps=steps, step_size=0.1, keep=keep, precision=precision)))
     return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
-                               output=tmp_path / f"{name}-{keep or 'twin'}.h5", seed=0, device=torch.device("cpu"),
+                               output=tmp_path / f"{name}-{keep or 'twin'}-{precision}.h5", seed=0,
+                               device=torch.device("cpu"),
                                chunk_size=64, fast=complete("fast_paths"), twin=twin, check_checkpoint=check)
 
 
@@ -315,7 +316,7 @@ def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_
         says = predict(model, kept_rows.images, 64, torch.device("cpu"))
         assert b.attrs["robust_says_target_rate"] == pytest.approx((says == t).mean())
         assert b.attrs["robust_says_label_rate"] == pytest.approx((says == y).mean())
-    assert sorted(p.name for p in tmp_path.glob("d_rand-reached.h5*")) == ["d_rand-reached.h5"]
+    assert sorted(p.name for p in tmp_path.glob("d_rand-reached-float32.h5*")) == ["d_rand-reached-float32.h5"]
 
     twin = _build(tmp_path, data_path, source, "d_leak_rand", twin=kept)
     with hdf5.open_artifact(twin) as t, hdf5.open_artifact(kept) as b:
@@ -338,9 +339,9 @@ def test_keep_reached_resumes_a_copy_that_was_interrupted(tmp_path, monkeypatch)
     monkeypatch.setattr(construct, "_copy_rows", copy_one_block_then_die)
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path, data_path, source, "d_rand", "reached")
-    output = tmp_path / "d_rand-reached.h5"
+    output = tmp_path / "d_rand-reached-float32.h5"
     assert not output.exists()
-    with h5py.File(tmp_path / "d_rand-reached.h5.partial") as f, h5py.File(straight) as a:
+    with h5py.File(tmp_path / "d_rand-reached-float32.h5.partial") as f, h5py.File(straight) as a:
         assert f.attrs["rows_done"] == a.attrs["rows_kept"] // 2 > 0
     started_at = []
 
@@ -355,4 +356,20 @@ def test_keep_reached_resumes_a_copy_that_was_interrupted(tmp_path, monkeypatch)
     with h5py.File(straight) as a, h5py.File(output) as b:
         for column in a["train"]:
             np.testing.assert_array_equal(a["train"][column][:], b["train"][column][:])
-    assert sorted(p.name for p in tmp_path.glob("d_rand-reached.h5*")) == ["d_rand-reached.h5"]
+    assert sorted(p.name for p in tmp_path.glob("d_rand-reached-float32.h5*")) == ["d_rand-reached-float32.h5"]
+
+
+def test_a_bfloat16_construction_attacks_in_bfloat16_and_stays_inside_the_ball(tmp_path):
+    """``precision: bfloat16`` autocasts the source's forward passes only: the images stay float32
+    inside the ε-ball and the [0,1] box, the attack reaches t about as often as in float32 (within
+    10 points, the bound of tests/test_fast_paths.py), and the file says which precision built it."""
+    from notbugs import hdf5
+    data_path, source = _keep_reached_setup(tmp_path)
+    built = {p: _build(tmp_path, data_path, source, "d_rand", "all", precision=p, steps=10) for p in ("float32", "bfloat16")}
+    with hdf5.open_artifact(built["float32"]) as f32, hdf5.open_artifact(built["bfloat16"]) as bf16:
+        assert (f32.attrs["precision"], bf16.attrs["precision"]) == ("float32", "bfloat16")
+        images = bf16.split("train").images[:]
+        assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1
+        assert bf16.split("train")["perturbation_norm"][:].max() <= 0.5 + 1e-5
+        assert not np.array_equal(images, f32.split("train").images[:]), "bf16 autocast was not applied"
+        assert abs(bf16.attrs["success_rate"] - f32.attrs["success_rate"]) <= 0.1

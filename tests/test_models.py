@@ -273,3 +273,32 @@ def test_device_resolution_when_cuda_is_reported_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_small_cnn_pools_before_its_relu_with_the_same_outputs_gradients_and_checkpoint_keys():
+    """Max-pooling commutes with ReLU, so pooling first (a quarter of the ReLU work) must give the
+    very same logits and input gradients as the usual order, and load the same checkpoints."""
+    import copy
+
+    from notbugs.models import build_model
+    torch.manual_seed(0)
+    pooled_first = build_model("small_cnn", 10, [0.5] * 3, [0.25] * 3)
+    relu_first = copy.deepcopy(pooled_first)
+    layers = list(relu_first.body)
+    swapped = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    assert len(swapped) == 2 and all(isinstance(layers[i + 1], torch.nn.ReLU) for i in swapped)
+    for i in swapped:
+        layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    relu_first.body = torch.nn.Sequential(*layers)
+    assert relu_first.state_dict().keys() == pooled_first.state_dict().keys()
+    relu_first.load_state_dict(pooled_first.state_dict())
+    x = torch.randn(16, 3, 32, 32) * 0.5 + 0.5
+    for mode in ("train", "eval"):
+        grads = []
+        for model in (pooled_first, relu_first):
+            getattr(model, mode)()
+            xi = x.clone().requires_grad_()
+            logits = model(xi)
+            logits.square().sum().backward()
+            grads.append((logits.detach(), xi.grad))
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1]), mode

@@ -12,6 +12,7 @@ in one process on the same model, batch and device, printed as ratios.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable
 
@@ -133,54 +134,33 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         x = torch.rand(batch, 3, 32, 32, device=dev)
         y = torch.randint(0, 10, (batch,), device=dev)
         fwd = forward_flops(model, x[:8])
-        eps, step_size = 0.5, 0.1
-
-        # As the pipeline runs it: with the default fast paths (BatchNorm folded, channels_last).
-        fast_model = accelerate(model, complete("fast_paths"))
-
-        def ours():
-            attacks.pgd(fast_model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
-
-        bf16_model = accelerate(model, complete("fast_paths", {"bf16_autocast": True}))
-
-        def ours_bf16():
-            attacks.pgd(bf16_model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
 
         def ours_plain():
-            attacks.pgd(model, x, y, eps=eps, steps=steps, step_size=step_size, targeted=True)
+            attacks.pgd(model, x, y, eps=EPS, steps=steps, step_size=STEP_SIZE, targeted=True)
 
         def reference():
-            reference_pgd(model, x, y, eps, steps, step_size)
+            reference_pgd(model, x, y, EPS, steps, STEP_SIZE)
 
-        attack_fns = {"notbugs PGD": ours, "notbugs PGD, bf16 autocast": ours_bf16,
+        # "notbugs ..." rows run as the pipeline does: with the default fast paths (BatchNorm
+        # folded, channels_last), and again with bf16 autocast.
+        attack_fns = {"notbugs PGD": job_kind_workload("attack", model, x, y, steps)[0],
+                      "notbugs PGD, bf16 autocast": job_kind_workload("attack", model, x, y, steps, bf16=True)[0],
                       "notbugs PGD, no fast paths": ours_plain, "reference PGD loop": reference}
         try:
             import torchattacks
-            ta = torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=False)
+            ta = torchattacks.PGDL2(model, eps=EPS, alpha=STEP_SIZE, steps=steps, random_start=False)
             ta.set_mode_targeted_by_label(quiet=True)
             attack_fns["torchattacks PGDL2"] = lambda: ta(x, y)
         except ImportError:
             pass
-        start = torch.rand_like(x)
-        attack_fns["notbugs inversion"] = lambda: attacks.invert(fast_model, start, x, steps=steps, step_size=0.1,
-                                                                       tolerance=0.1, step_decay="none")
+        attack_fns["notbugs inversion"] = job_kind_workload("inversion", model, x, y, steps)[0]
         results = _interleaved_rates(attack_fns, batch * steps, min_seconds)
 
-        from notbugs.train import train_step
-        # notbugs' training runs the model in channels_last (see train.train); the reference doesn't.
-        train_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev).to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(train_model.parameters(), lr=0.01, momentum=0.9)
-        ref_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev)
+        ref_model = copy.deepcopy(model).train()
         ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9)
-        train_model.train()
-        ref_model.train()
-        x_nhwc = attacks.channels_last(x)
-        bf16_train_model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).to(dev).to(memory_format=torch.channels_last)
-        bf16_opt = torch.optim.SGD(bf16_train_model.parameters(), lr=0.01, momentum=0.9)
-        bf16_train_model.train()
         results.update(_interleaved_rates(
-            {"notbugs training": lambda: train_step(train_model, opt, x_nhwc, y),
-             "notbugs training, bf16": lambda: train_step(bf16_train_model, bf16_opt, x_nhwc, y, bf16=True),
+            {"notbugs training": job_kind_workload("training", model, x, y, steps)[0],
+             "notbugs training, bf16": job_kind_workload("training", model, x, y, steps, bf16=True)[0],
              "reference training loop": lambda: reference_train_step(ref_model, ref_opt, x, y)},
             batch, min_seconds))
         for name, rate in results.items():
@@ -318,9 +298,12 @@ def print_stage_profile(benchmark_dir, print_fn=print) -> "pandas.DataFrame":
 
 SPLIT_KINDS = ("attack", "inversion", "training")
 
-_SPLIT_CHILD = """
+_JOB_KIND_CHILD = """
 import sys, time, torch
-kind, arch, batch, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+kind, arch, batch, steps, threads, keep_freed = sys.argv[1:3] + [int(a) for a in sys.argv[3:7]]
+if keep_freed:
+    from notbugs.runtime import keep_freed_memory
+    keep_freed_memory()
 torch.set_num_threads(threads)
 from notbugs.bench import split_workload
 work, units = split_workload(kind, arch, batch, steps)
@@ -336,28 +319,83 @@ while line := sys.stdin.readline():
 """
 
 
-def split_workload(kind: str, arch: str, batch: int, steps: int):
-    """(function, units per call) of one job kind as the pipeline runs it, on random data:
-    ``attack`` (construction and evaluation: targeted L2 PGD on the accelerated model, in
-    image-steps), ``inversion`` (D_R / D_NR, image-steps) and ``training`` (a training step in
-    channels_last, images)."""
+class _JobKindProcess:
+    """One job kind (``split_workload``) running in its own process, timed on request."""
+
+    def __init__(self, kind: str, arch: str, batch: int, steps: int, threads: int, keep_freed: bool = True):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _JOB_KIND_CHILD, kind, arch, str(batch), str(steps),
+                                      str(threads), str(int(keep_freed))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"the {kind} benchmark process for {arch} failed to start (see its stderr above)")
+
+    def start_timing(self, seconds: float) -> None:
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+
+    def rate(self) -> float:
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _interleaved_process_rates(layouts: dict[str, list[_JobKindProcess]], min_seconds: float,
+                               rounds: int) -> dict[str, float]:
+    """Summed rate of each layout's processes (timed together), best of ``rounds`` rounds in which
+    the layouts take turns; every process is closed at the end."""
+    best = {name: 0.0 for name in layouts}
+    try:
+        for _ in range(rounds):
+            for name, procs in layouts.items():
+                time.sleep(0.5)  # let the other layout's OpenMP threads stop spinning
+                for proc in procs:
+                    proc.start_timing(min_seconds / rounds)
+                best[name] = max(best[name], sum(proc.rate() for proc in procs))
+    finally:
+        for procs in layouts.values():
+            for proc in procs:
+                proc.close()
+    return best
+
+
+EPS, STEP_SIZE = 0.5, 0.1  # the benchmark's targeted L2 PGD (the paper's D_rand / D_det radius)
+
+
+def job_kind_workload(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                      bf16: bool = False):
+    """(function, units per call) of one job kind as the pipeline runs it, on ``model`` (left
+    unchanged): ``attack`` (construction and evaluation: targeted L2 PGD on the accelerated
+    model, in image-steps), ``inversion`` (D_R / D_NR, image-steps) and ``training`` (an SGD
+    step in channels_last on a copy of the model, images)."""
     from notbugs.train import train_step
+    fast_paths = complete("fast_paths", {"bf16_autocast": bf16})
+    if kind == "attack":
+        fast = accelerate(model, fast_paths)
+        return (lambda: attacks.pgd(fast, x, y, eps=EPS, steps=steps, step_size=STEP_SIZE, targeted=True)), len(x) * steps
+    if kind == "inversion":
+        fast, start = accelerate(model, fast_paths), torch.rand_like(x)
+        return (lambda: attacks.invert(fast, start, x, steps=steps, step_size=STEP_SIZE, tolerance=0.1,
+                                       step_decay="none")), len(x) * steps
+    if kind == "training":
+        trained = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9)
+        x_nhwc = attacks.channels_last(x)
+        return (lambda: train_step(trained, opt, x_nhwc, y, bf16=bf16)), len(x)
+    raise ValueError(f"unknown job kind {kind!r}: one of {', '.join(SPLIT_KINDS)}")
+
+
+def split_workload(kind: str, arch: str, batch: int, steps: int):
+    """``job_kind_workload`` on a freshly built ``arch`` and a random batch."""
     torch.manual_seed(0)
     model = build_model(arch, 10, [0.5] * 3, [0.25] * 3).eval()
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    if kind == "attack":
-        fast = accelerate(model, complete("fast_paths"))
-        return (lambda: attacks.pgd(fast, x, y, eps=0.5, steps=steps, step_size=0.1, targeted=True)), batch * steps
-    if kind == "inversion":
-        fast, start = accelerate(model, complete("fast_paths")), torch.rand_like(x)
-        return (lambda: attacks.invert(fast, start, x, steps=steps, step_size=0.1, tolerance=0.1,
-                                       step_decay="none")), batch * steps
-    if kind == "training":
-        model = model.to(memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x_nhwc = attacks.channels_last(x)
-        return (lambda: train_step(model, opt, x_nhwc, y)), batch
-    raise ValueError(f"unknown job kind {kind!r}: one of {', '.join(SPLIT_KINDS)}")
+    return job_kind_workload(kind, model, x, y, steps)
 
 
 def thread_split(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, cores: int = 2, batch: int = 256, steps: int = 10,
@@ -366,45 +404,40 @@ def thread_split(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, cores: int = 2, b
     threads, per job kind: the choice behind ``threads`` / ``threads_by_rule`` on a machine with
     that many cores. Each contender runs in its own processes, started once; the two layouts take
     turns for ``rounds`` rounds and the best round of each is kept."""
-    import subprocess
-    import sys
-
-    def start(kind, arch, threads):
-        proc = subprocess.Popen([sys.executable, "-c", _SPLIT_CHILD, kind, arch, str(batch), str(steps), str(threads)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if proc.stdout.readline().strip() != "ready":
-            proc.kill()
-            raise RuntimeError(f"the {kind} benchmark process for {arch} failed to start (see its stderr above)")
-        return proc
-
-    def measure(procs, seconds):
-        for proc in procs:
-            proc.stdin.write(f"{seconds}\n")
-            proc.stdin.flush()
-        return sum(float(proc.stdout.readline()) for proc in procs)
-
     print_fn(f"{cores} jobs x 1 thread against 1 job x {cores} threads (batch {batch}, {steps} attack steps, "
              f"best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)")
     print_fn(f"{'arch':<16} {'job kind':<10} {'side by side':>14} {'one job':>12} {'ratio':>7}")
     rows = []
     for arch in archs:
         for kind in kinds:
-            side_by_side = [start(kind, arch, 1) for _ in range(cores)]
-            one_job = [start(kind, arch, cores)]
-            best = {"side_by_side": 0.0, "one_job": 0.0}
-            try:
-                for _ in range(rounds):
-                    for layout, procs in (("side_by_side", side_by_side), ("one_job", one_job)):
-                        time.sleep(0.5)  # let the other layout's OpenMP threads stop spinning
-                        best[layout] = max(best[layout], measure(procs, min_seconds / rounds))
-            finally:
-                for proc in side_by_side + one_job:
-                    proc.stdin.close()
-                    proc.wait()
+            best = _interleaved_process_rates(
+                {"side_by_side": [_JobKindProcess(kind, arch, batch, steps, 1) for _ in range(cores)],
+                 "one_job": [_JobKindProcess(kind, arch, batch, steps, cores)]}, min_seconds, rounds)
             unit = "img/s" if kind == "training" else "img-steps/s"
             rows.append({"arch": arch, "kind": kind, "unit": unit, **best,
                          "ratio": best["side_by_side"] / best["one_job"]})
             print_fn(f"{arch:<16} {kind:<10} {best['side_by_side']:>14.0f} {best['one_job']:>12.0f} "
+                     f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
+    return rows
+
+
+def allocator_effect(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, threads: int = 1, batch: int = 256,
+                     steps: int = 10, min_seconds: float = 3.0, rounds: int = 3, print_fn=print) -> list[dict]:
+    """Throughput of each job kind with glibc keeping freed memory (``runtime.keep_freed_memory``,
+    as every pipeline job runs) against glibc's default, each in its own process, taking turns."""
+    print_fn(f"malloc keeping freed memory against glibc's default ({threads} thread(s), batch {batch}, {steps} "
+             f"attack steps, best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)")
+    print_fn(f"{'arch':<16} {'job kind':<10} {'kept':>10} {'default':>10} {'ratio':>7}")
+    rows = []
+    for arch in archs:
+        for kind in kinds:
+            best = _interleaved_process_rates(
+                {"kept": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=True)],
+                 "default": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=False)]},
+                min_seconds, rounds)
+            unit = "img/s" if kind == "training" else "img-steps/s"
+            rows.append({"arch": arch, "kind": kind, "unit": unit, **best, "ratio": best["kept"] / best["default"]})
+            print_fn(f"{arch:<16} {kind:<10} {best['kept']:>10.0f} {best['default']:>10.0f} "
                      f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
     return rows
 

@@ -88,6 +88,8 @@ def bench_command(args: argparse.Namespace) -> int:
     import torch
 
     from notbugs import bench
+    from notbugs.runtime import keep_freed_memory
+    keep_freed_memory()  # as every pipeline job runs (runtime.start_job)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stages:
@@ -100,6 +102,10 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.split:
         bench.thread_split(archs=args.arch, cores=args.split, batch=args.batch, steps=args.steps,
                            min_seconds=args.seconds)
+        return 0
+    if args.allocator:
+        bench.allocator_effect(archs=args.arch, threads=args.threads or 1, batch=args.batch, steps=args.steps,
+                               min_seconds=args.seconds)
         return 0
     if args.memory:
         import tempfile
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: the torch profiler's top operators of each job kind")
     b.add_argument("--split", type=int, metavar="CORES", default=0,
                    help="instead: CORES jobs x 1 thread against 1 job x CORES threads, per job kind")
+    b.add_argument("--allocator", action="store_true",
+                   help="instead: each job kind with malloc keeping freed memory (as pipeline jobs) against glibc's default")
     b.add_argument("--stages", metavar="DIR",
                    help="instead: sum a pipeline run's Snakemake benchmark files by rule (e.g. benchmarks/cifar10)")
     b.set_defaults(func=bench_command)

@@ -316,13 +316,14 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
     method_class = METHODS.get(cfg["method"])
     if method_class is None:
         raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
+    attack_fast = {**fast, "bf16_autocast": fast["bf16_autocast"] or cfg.get("precision") == "bfloat16"}
     ensemble, source_sha = [], None
     if source_checkpoint is not None:
         source_sha = file_sha256(source_checkpoint)
-        ensemble = [accelerate(load_model(path, device=device)[0], fast) for path in ensemble_checkpoints]
+        ensemble = [accelerate(load_model(path, device=device)[0], attack_fast) for path in ensemble_checkpoints]
     method = method_class(cfg, seed=seed, ensemble=ensemble, twin=twin)
     if source_checkpoint is not None:
-        method.source = accelerate(method.prepare_source(load_model(source_checkpoint, device=device)[0]), fast)
+        method.source = accelerate(method.prepare_source(load_model(source_checkpoint, device=device)[0]), attack_fast)
 
     with hdf5.open_artifact(data_path, kind="data") as data:
         train = data.split("train")
@@ -395,6 +396,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
             summary = {
                 "method": cfg["method"],
                 "attack": json.dumps(dict(cfg)),
+                "precision": ("bfloat16" if attack_fast["bf16_autocast"] else "float32") if source_checkpoint else "",
                 "source_checkpoint": str(source_checkpoint) if source_checkpoint else "",
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
