@@ -1,6 +1,7 @@
 """`notbugs inspect`: provenance, shapes and a class histogram; a grid; clear errors."""
 
 import h5py
+import pytest
 
 from helpers import make_data_artifact
 from notbugs.cli import main
@@ -102,6 +103,18 @@ def test_bench_split_compares_jobs_side_by_side_with_one_threaded_job(capsys):
         assert row["ratio"] == row["side_by_side"] / row["one_job"]
     out = capsys.readouterr().out
     assert "2 jobs x 1 thread against 1 job x 2 threads" in out and out.count("small_cnn ") == 3
+
+
+def test_bench_allocator_compares_kept_freed_memory_with_glibcs_default(capsys):
+    """Structure, not speed: both allocator settings get a rate per job kind, and their ratio."""
+    assert main(["bench", "--allocator", "--arch", "small_cnn", "--batch", "8", "--steps", "1", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "malloc keeping freed memory against glibc's default" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("small_cnn ")]
+    assert [row[1] for row in rows] == ["attack", "inversion", "training"]
+    for row in rows:
+        kept, default, ratio = float(row[2]), float(row[3]), float(row[4].rstrip("x"))
+        assert kept > 0 and default > 0 and ratio == pytest.approx(kept / default, abs=0.006)
 
 
 def test_bench_operators_lists_each_job_kinds_costliest_operators(capsys):

@@ -176,7 +176,8 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         r = results
         print_fn(f"  ratio notbugs/reference PGD:   {r['notbugs PGD'] / r['reference PGD loop']:.2f}x")
         if "torchattacks PGDL2" in r:
-            print_fn(f"  ratio notbugs/torchattacks:    {r['notbugs PGD'] / r['torchattacks PGDL2']:.2f}x")
+            print_fn(f"  ratio notbugs/torchattacks:    {r['notbugs PGD'] / r['torchattacks PGDL2']:.2f}x, "
+                     f"in bf16 autocast {r['notbugs PGD, bf16 autocast'] / r['torchattacks PGDL2']:.2f}x")
         print_fn(f"  ratio notbugs/reference train: {r['notbugs training'] / r['reference training loop']:.2f}x")
         print_fn(f"  ratio bf16/float32 PGD:        {r['notbugs PGD, bf16 autocast'] / r['notbugs PGD']:.2f}x, "
                  f"training {r['notbugs training, bf16'] / r['notbugs training']:.2f}x")
@@ -190,6 +191,8 @@ print([line for line in open("/proc/self/status") if line.startswith("VmHWM")][0
 
 _CONSTRUCT_CHILD = """
 import sys, torch
+from notbugs.runtime import keep_freed_memory
+keep_freed_memory()  # as runtime.start_job does in every pipeline job
 torch.set_num_threads(1)
 from notbugs.config import complete
 from notbugs.construct import construct
@@ -200,6 +203,8 @@ construct("bench", cfg, data_path=sys.argv[1], source_checkpoint=sys.argv[2], ou
 
 _TRAIN_CHILD = """
 import sys, torch
+from notbugs.runtime import keep_freed_memory
+keep_freed_memory()
 torch.set_num_threads(1)
 from notbugs.config import complete
 from notbugs.train import job_spec, run_job
@@ -398,48 +403,50 @@ def split_workload(kind: str, arch: str, batch: int, steps: int):
     return job_kind_workload(kind, model, x, y, steps)
 
 
+def _compare_process_layouts(heading: str, make_layouts, archs, kinds, min_seconds: float, rounds: int,
+                             print_fn) -> list[dict]:
+    """One row per architecture and job kind: the best rate of each of two layouts
+    (``make_layouts(kind, arch)`` returns {name: processes}) and the first's ratio to the second."""
+    print_fn(heading)
+    rows = []
+    for arch in archs:
+        for kind in kinds:
+            best = _interleaved_process_rates(make_layouts(kind, arch), min_seconds, rounds)
+            first, second = best
+            if not rows:
+                print_fn(f"{'arch':<16} {'job kind':<10} {first.replace('_', ' '):>14} "
+                         f"{second.replace('_', ' '):>14} {'ratio':>7}")
+            unit = "img/s" if kind == "training" else "img-steps/s"
+            rows.append({"arch": arch, "kind": kind, "unit": unit, **best, "ratio": best[first] / best[second]})
+            print_fn(f"{arch:<16} {kind:<10} {best[first]:>14.0f} {best[second]:>14.0f} "
+                     f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
+    return rows
+
+
 def thread_split(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, cores: int = 2, batch: int = 256, steps: int = 10,
                  min_seconds: float = 3.0, rounds: int = 3, print_fn=print) -> list[dict]:
     """Throughput of ``cores`` jobs side by side at 1 thread each against one job with ``cores``
     threads, per job kind: the choice behind ``threads`` / ``threads_by_rule`` on a machine with
     that many cores. Each contender runs in its own processes, started once; the two layouts take
     turns for ``rounds`` rounds and the best round of each is kept."""
-    print_fn(f"{cores} jobs x 1 thread against 1 job x {cores} threads (batch {batch}, {steps} attack steps, "
-             f"best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)")
-    print_fn(f"{'arch':<16} {'job kind':<10} {'side by side':>14} {'one job':>12} {'ratio':>7}")
-    rows = []
-    for arch in archs:
-        for kind in kinds:
-            best = _interleaved_process_rates(
-                {"side_by_side": [_JobKindProcess(kind, arch, batch, steps, 1) for _ in range(cores)],
-                 "one_job": [_JobKindProcess(kind, arch, batch, steps, cores)]}, min_seconds, rounds)
-            unit = "img/s" if kind == "training" else "img-steps/s"
-            rows.append({"arch": arch, "kind": kind, "unit": unit, **best,
-                         "ratio": best["side_by_side"] / best["one_job"]})
-            print_fn(f"{arch:<16} {kind:<10} {best['side_by_side']:>14.0f} {best['one_job']:>12.0f} "
-                     f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
-    return rows
+    return _compare_process_layouts(
+        f"{cores} jobs x 1 thread against 1 job x {cores} threads (batch {batch}, {steps} attack steps, "
+        f"best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)",
+        lambda kind, arch: {"side_by_side": [_JobKindProcess(kind, arch, batch, steps, 1) for _ in range(cores)],
+                            "one_job": [_JobKindProcess(kind, arch, batch, steps, cores)]},
+        archs, kinds, min_seconds, rounds, print_fn)
 
 
 def allocator_effect(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, threads: int = 1, batch: int = 256,
                      steps: int = 10, min_seconds: float = 3.0, rounds: int = 3, print_fn=print) -> list[dict]:
     """Throughput of each job kind with glibc keeping freed memory (``runtime.keep_freed_memory``,
     as every pipeline job runs) against glibc's default, each in its own process, taking turns."""
-    print_fn(f"malloc keeping freed memory against glibc's default ({threads} thread(s), batch {batch}, {steps} "
-             f"attack steps, best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)")
-    print_fn(f"{'arch':<16} {'job kind':<10} {'kept':>10} {'default':>10} {'ratio':>7}")
-    rows = []
-    for arch in archs:
-        for kind in kinds:
-            best = _interleaved_process_rates(
-                {"kept": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=True)],
-                 "default": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=False)]},
-                min_seconds, rounds)
-            unit = "img/s" if kind == "training" else "img-steps/s"
-            rows.append({"arch": arch, "kind": kind, "unit": unit, **best, "ratio": best["kept"] / best["default"]})
-            print_fn(f"{arch:<16} {kind:<10} {best['kept']:>10.0f} {best['default']:>10.0f} "
-                     f"{rows[-1]['ratio']:>6.2f}x  ({unit})")
-    return rows
+    return _compare_process_layouts(
+        f"malloc keeping freed memory against glibc's default ({threads} thread(s), batch {batch}, {steps} "
+        f"attack steps, best of {rounds} interleaved rounds of {min_seconds / rounds:.1f} s)",
+        lambda kind, arch: {"kept": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=True)],
+                            "default": [_JobKindProcess(kind, arch, batch, steps, threads, keep_freed=False)]},
+        archs, kinds, min_seconds, rounds, print_fn)
 
 
 def top_operators(arch: str = "small_cnn_wide", kinds=SPLIT_KINDS, batch: int = 256, steps: int = 10,
