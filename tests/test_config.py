@@ -120,6 +120,26 @@ def test_construction_naming_missing_source(config):
     assert "'nonexistent'" in message
 
 
+def test_a_pgd_ensemble_names_other_existing_sources(config):
+    config["constructions"]["d_det"]["ensemble"] = ["robust", "nonexistent"]
+    assert "constructions.d_det.ensemble.1" in _error(config)
+    config["constructions"]["d_det"]["ensemble"] = [config["constructions"]["d_det"]["source"]]
+    message = _error(config)
+    assert "constructions.d_det.ensemble.0" in message and "source already" in message
+    config["constructions"]["d_det"]["ensemble"] = ["robust"]
+    validate_config(config, SCHEMA)
+
+
+def test_a_source_seed_offset_follows_the_run_seed(config):
+    from notbugs.config import source_seed
+    config["seed"] = 7
+    config["sources"]["robust"]["seed_offset"] = 1000
+    validate_config(config, SCHEMA)
+    assert source_seed(config, "robust") == 1007 and source_seed(config, "standard") == 7
+    config["sources"]["robust"]["seed"] = 3
+    assert "sources.robust.seed_offset" in _error(config)
+
+
 def test_model_construction_without_source(config):
     del config["constructions"]["d_rand"]["source"]
     message = _error(config)

@@ -85,6 +85,22 @@ def test_targeted_pgd_stays_in_the_ball_and_labels_with_the_target():
     torch.testing.assert_close(built.target_reached, predicted == torch.from_numpy(targets))
 
 
+def test_an_ensemble_pgd_attacks_the_mean_of_its_models_logits():
+    images, labels = _images(), _labels()
+    cfg = construction_config(method="pgd", source="s", ensemble=["a", "b"], target="next", steps=10)
+    members = [_model(0), _model(1), _model(2)]
+    method = construct.TargetedPGD(cfg, seed=0, source=members[0], ensemble=members[1:])
+    _, targets, built = _run(method, images, labels)
+    assert built.perturbation_norm.max() <= 0.5 + 1e-5
+    assert built.images.min() >= 0 and built.images.max() <= 1
+    with torch.no_grad():
+        mean_logits = torch.stack([m(built.images) for m in members]).mean(0)
+        alone = construct.TargetedPGD(cfg, seed=0, source=_model(0))
+    torch.testing.assert_close(built.target_reached, mean_logits.argmax(1) == torch.from_numpy(targets))
+    # the perturbation is not the one the source alone would get
+    assert not torch.allclose(built.images, _run(alone, images, labels)[2].images)
+
+
 def test_nontransferable_pgd_stays_in_the_ball():
     images, labels = _images(), _labels()
     cfg = construction_config(method="nontransferable", source="s", ensemble=["a"], target="other", steps=5)

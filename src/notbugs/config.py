@@ -286,8 +286,17 @@ def check_image_size(config: Mapping) -> None:
                               f"images are {side}x{side} (dataset.restricted_imagenet.resolution)")
 
 
+def source_seed(config: Mapping, name: str) -> int:
+    """The seed source ``name`` trains with: its own ``seed``, or the run's plus its ``seed_offset``."""
+    source = config["sources"][name]
+    return source["seed"] if "seed" in source else config["seed"] + source.get("seed_offset", 0)
+
+
 def check_references(config: Mapping) -> None:
     sources = config["sources"]
+    for name, source in sources.items():
+        if "seed" in source and "seed_offset" in source:
+            raise ConfigError(f"config key 'sources.{name}.seed_offset': give seed or seed_offset, not both")
     constructions = config["constructions"]
     for name, cons in constructions.items():
         # The schema says which methods need a source and an ensemble; here only the names are checked.
@@ -297,6 +306,9 @@ def check_references(config: Mapping) -> None:
         for i, member in enumerate(cons.get("ensemble", [])):
             if member not in sources:
                 raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': no source named {member!r}")
+            if member == cons.get("source"):
+                raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': {member!r} is the "
+                                  "construction's source already; the ensemble lists the other models")
     for i, train_set in enumerate(config["targets"]["train_sets"]):
         if train_set != ORIGINAL_SET and train_set not in constructions:
             raise ConfigError(f"config key 'targets.train_sets.{i}': {train_set!r} is neither "

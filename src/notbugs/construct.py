@@ -155,16 +155,30 @@ class PixelBlend(Method):
                      extra={"start_index": torch.from_numpy(self.starts[chunk.rows])})
 
 
+class MeanLogits(torch.nn.Module):
+    """Several classifiers read as one: the mean of their logits."""
+
+    def __init__(self, models: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 class TargetedPGD(Method):
     """Targeted L2 PGD from δ=0 towards t inside ‖δ‖₂ ≤ ε, normalised steps, projection and
-    clamp, keeping the lowest-loss iterate; label t."""
+    clamp, keeping the lowest-loss iterate; label t. With an ``ensemble``, the attacked model is
+    the mean of the source's and the ensemble's logits, so the perturbation has to carry what
+    independently trained models all read as t (and "reached" means the mean reads t)."""
 
     name = "pgd"
     targeted_attack = True
 
     def build(self, chunk: Chunk) -> Built:
         cfg = self.cfg
-        res = attacks.pgd(self.source, chunk.x, chunk.targets, eps=cfg["eps"], steps=cfg["steps"],
+        model = MeanLogits([self.source, *self.ensemble]) if self.ensemble else self.source
+        res = attacks.pgd(model, chunk.x, chunk.targets, eps=cfg["eps"], steps=cfg["steps"],
                           step_size=cfg["step_size"], norm="l2", targeted=True, keep_best=cfg["keep_best"],
                           generator=chunk.generator)
         return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)

@@ -72,17 +72,16 @@ def straight_through_last_relu(model: nn.Module) -> bool:
     return bool(finals)
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1, *, final: bool = False) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-            FinalReLU() if final else nn.ReLU(inplace=True)]
-
-
-def _conv_bn_pool_relu(cin: int, cout: int) -> list[nn.Module]:
-    """conv -> BN -> max-pool -> ReLU, the same function as pooling after the ReLU (a max
-    commutes with a non-decreasing function, and the input gradients match bit for bit), with
-    the ReLU's forward and backward on a quarter of the values. The two parameter-free layers
-    only swap places, so checkpoints saved with the other order load unchanged."""
-    return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, *, pool: bool = False, final: bool = False
+                  ) -> list[nn.Module]:
+    """conv -> BN -> ReLU, with ``pool`` a 2x2 max-pool before the ReLU: the same function as
+    pooling after it (a max commutes with a non-decreasing function, and the input gradients
+    match bit for bit), with the ReLU's forward and backward on a quarter of the values. The two
+    parameter-free layers only swap places, so checkpoints saved with the other order load."""
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return [*layers, FinalReLU() if final else nn.ReLU(inplace=True)]
 
 
 def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
@@ -90,8 +89,8 @@ def small_cnn(width: int = 16) -> tuple[nn.Module, int]:
     w = width
     body = nn.Sequential(
         *_conv_bn_relu(3, w, stride=2),
-        *_conv_bn_pool_relu(w, 2 * w),
-        *_conv_bn_pool_relu(2 * w, 4 * w),
+        *_conv_bn_relu(w, 2 * w, pool=True),
+        *_conv_bn_relu(2 * w, 4 * w, pool=True),
         *_conv_bn_relu(4 * w, 4 * w, final=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )

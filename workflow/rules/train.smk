@@ -7,7 +7,7 @@ rule train_source:
     params:
         arch=lambda wc: config["sources"][wc.source]["arch"],
         train=lambda wc: config["sources"][wc.source]["train"],
-        seeds=lambda wc: [config["sources"][wc.source].get("seed", config["seed"])],
+        seeds=lambda wc: [source_seed(config, wc.source)],
         validation=config["validation"],
         device=config["device"],
     log:
