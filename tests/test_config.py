@@ -140,6 +140,21 @@ def test_a_source_seed_offset_follows_the_run_seed(config):
     assert "sources.robust.seed_offset" in _error(config)
 
 
+def test_rebuttals_on_an_ensemble_pgd_set_compare_against_a_one_source_copy(config):
+    from notbugs.config import rebuttal_sets
+    config["sources"]["standard"]["seed_offset"] = 5
+    config["constructions"]["d_det"]["ensemble"] = ["robust"]
+    config["studies"] = {"rebuttals": {"enabled": True, "construction": "d_det"}}
+    validate_config(config, SCHEMA)
+    plain, nontransferable = rebuttal_sets(config)
+    assert (plain, nontransferable) == ("d_det_one_source", "d_det_nontransferable")
+    assert "ensemble" not in config["constructions"][plain]
+    assert config["constructions"][plain]["target"] == config["constructions"]["d_det"]["target"]
+    assert {plain, nontransferable} <= set(config["targets"]["train_sets"])
+    fresh = config["sources"]["fresh_1"]
+    assert "seed_offset" not in fresh and fresh["seed"] == config["seed"] + 1001
+
+
 def test_model_construction_without_source(config):
     del config["constructions"]["d_rand"]["source"]
     message = _error(config)

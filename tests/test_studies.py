@@ -212,6 +212,23 @@ def test_transfer_rate_to_the_source_itself_is_the_attack_success(tiny_models):
     assert 0 <= rates["judge"] <= 1
 
 
+def test_the_transfer_replay_of_an_ensemble_pgd_set_attacks_the_mean_of_its_models(tiny_models):
+    from notbugs.batches import to_float
+    from notbugs.models import MeanLogits
+    _, data_path, paths = tiny_models
+    source, fresh_1, fresh_2 = (load_model(paths[n])[0] for n in ("source", "fresh_1", "fresh_2"))
+    images, labels = hdf5.load_split(data_path, "test")
+    x, y = to_float(torch.from_numpy(images[:60])), torch.from_numpy(labels[:60])
+    t = (y + 1) % 10
+    cfg = dict(method="pgd", target="next", eps=0.5, steps=10, step_size=0.1, keep_best=True)
+    res = studies.replay_attack(cfg, source, [fresh_1, fresh_2], x, y, t)
+    with torch.no_grad():
+        mean_reads = MeanLogits([source, fresh_1, fresh_2])(res.x_adv).argmax(1)
+    torch.testing.assert_close(res.success, mean_reads == t)
+    alone = studies.replay_attack(cfg, source, [], x, y, t)
+    assert not torch.equal(alone.x_adv, res.x_adv)
+
+
 def test_pearson_r():
     assert studies.pearson_r([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert studies.pearson_r([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

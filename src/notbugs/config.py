@@ -165,6 +165,15 @@ def _add(section: dict, section_name: str, name: str, value) -> None:
     section[name] = value
 
 
+def rebuttal_sets(config: Mapping) -> list[str]:
+    """The rebuttals study's plain pgd set and its non-transferable version. The non-transferable
+    attack fools one source, so a construction that attacks an ensemble gets a one-source copy
+    (``<name>_one_source``) as its plain set: the two then differ in transferability alone."""
+    name = config["studies"]["rebuttals"]["construction"]
+    plain = f"{name}_one_source" if config["constructions"].get(name, {}).get("ensemble") else name
+    return [plain, nontransferable_set(name)]
+
+
 def _pgd_construction(config: Mapping, study: str) -> tuple[str, dict]:
     name = config["studies"][study]["construction"]
     cons = config["constructions"].get(name)
@@ -202,10 +211,14 @@ def expand_studies(config: dict) -> bool:
     if studies["rebuttals"]["enabled"]:
         study = studies["rebuttals"]
         name, cons = _pgd_construction(config, "rebuttals")
+        plain = rebuttal_sets(config)[0]
+        if plain != name:  # the non-transferable set attacks one source, so its plain twin does too
+            _add(constructions, "constructions", plain, {k: v for k, v in cons.items() if k != "ensemble"})
         base = sources[cons["source"]]
         fresh = fresh_sources(study["fresh_models"] + 1)  # the last one judges, it is not in the ensemble
         for i, fresh_name in enumerate(fresh, start=1):
-            _add(sources, "sources", fresh_name, {**copy.deepcopy(base), "seed": config["seed"] + 1000 + i})
+            copy_of_base = {k: v for k, v in copy.deepcopy(base).items() if k != "seed_offset"}
+            _add(sources, "sources", fresh_name, {**copy_of_base, "seed": config["seed"] + 1000 + i})
         _add(constructions, "constructions", nontransferable_set(name), {
             **{k: v for k, v in cons.items() if k in ("target", "eps", "steps", "step_size", "keep_best", "keep")},
             "method": "nontransferable", "source": cons["source"], "ensemble": fresh[:-1],
@@ -213,7 +226,7 @@ def expand_studies(config: dict) -> bool:
         _add(sources, "sources", RELABEL_SOURCE,
              {**copy.deepcopy(base), "train": {**base["train"], "epochs": study["relabel_epochs"]}})
         _add(constructions, "constructions", RELABEL_SET, {"method": "relabel", "source": RELABEL_SOURCE})
-        want_train_set(name)
+        want_train_set(plain)
         want_train_set(nontransferable_set(name))
         want_train_set(RELABEL_SET)
     return json.dumps([sources, constructions, train_sets], sort_keys=True) != before

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from notbugs import attacks, hdf5
 from notbugs.batches import predict, read_rows, to_float
-from notbugs.models import accelerate, file_sha256, load_model, straight_through_last_relu
+from notbugs.models import MeanLogits, accelerate, file_sha256, load_model, straight_through_last_relu
 from notbugs.runtime import partial_path
 from notbugs.sampling import choose_targets, chunk_generator, derangement
 
@@ -153,17 +153,6 @@ class PixelBlend(Method):
         return Built(blended, lam.flatten(), (blended - start).flatten(1).norm(dim=1),
                      torch.zeros(n, dtype=torch.bool, device=blended.device),
                      extra={"start_index": torch.from_numpy(self.starts[chunk.rows])})
-
-
-class MeanLogits(torch.nn.Module):
-    """Several classifiers read as one: the mean of their logits."""
-
-    def __init__(self, models: Sequence[torch.nn.Module]):
-        super().__init__()
-        self.members = torch.nn.ModuleList(models)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 class TargetedPGD(Method):

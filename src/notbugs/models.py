@@ -48,6 +48,18 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+class MeanLogits(nn.Module):
+    """Several classifiers read as one: the mean of their logits (an attack on it has to turn
+    all of them)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 class FinalReLU(nn.Module):
     """The ReLU that produces a model's representation. With ``straight_through`` its backward
     pass is the identity (the forward value is unchanged): the authors' inversions match the

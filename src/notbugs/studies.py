@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from notbugs import attacks, hdf5, references
 from notbugs.batches import float_batches
-from notbugs.models import accelerate, load_model
+from notbugs.models import MeanLogits, accelerate, load_model
 from notbugs.runtime import atomic_write
 from notbugs.sampling import choose_targets
 
@@ -38,13 +38,15 @@ def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
 
 def replay_attack(construction: Mapping, source: torch.nn.Module, ensemble: Sequence[torch.nn.Module],
                   x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> attacks.AttackResult:
-    """The attack of a pgd or nontransferable construction, on other images."""
+    """The attack of a pgd or nontransferable construction, on other images. ``ensemble``: the
+    models its ``ensemble`` names (a pgd set attacks them with the source, a nontransferable set
+    keeps them on y)."""
     kwargs = dict(eps=construction["eps"], steps=construction["steps"], step_size=construction["step_size"],
                   keep_best=construction["keep_best"])
     if construction["method"] == "nontransferable":
         return attacks.nontransferable_pgd(source, list(ensemble), x, y, t, weight=construction["ensemble_weight"],
                                            **kwargs)
-    return attacks.pgd(source, x, t, targeted=True, **kwargs)
+    return attacks.pgd(MeanLogits([source, *ensemble]) if ensemble else source, x, t, targeted=True, **kwargs)
 
 
 def transfer_rates(source: torch.nn.Module, victims: Mapping[str, torch.nn.Module], images: np.ndarray,
@@ -228,16 +230,19 @@ def rebuttals_table(nakkiran: Mapping[str, Mapping], wallace: Mapping) -> pd.Dat
 
 def transfer_study(*, source_path, standard_paths: Mapping[str, str], learned_metrics: Mapping[str, str],
                    standard_metrics: Mapping[str, str], data_path, construction: Mapping, fast: Mapping,
-                   seed: int, batch_size: int, device: torch.device | str = "cpu") -> pd.DataFrame:
+                   seed: int, batch_size: int, device: torch.device | str = "cpu",
+                   ensemble_paths: Sequence[str] = ()) -> pd.DataFrame:
     """Paper Fig. 3: ``*_paths`` / ``*_metrics`` map an architecture to its standard model's
     checkpoint and to the metrics.json of its standard model and of its model trained on the
-    constructed set whose attack (``construction``) is replayed on the test images."""
+    constructed set whose attack (``construction``, with the models of its ``ensemble`` in
+    ``ensemble_paths``) is replayed on the test images."""
     source = accelerate(load_model(source_path, device=device)[0], fast)
+    ensemble = [accelerate(load_model(p, device=device)[0], fast) for p in ensemble_paths]
     victims = {arch: accelerate(load_model(path, device=device)[0], fast) for arch, path in standard_paths.items()}
     with hdf5.open_artifact(data_path, kind="data") as data:
         test, n_classes = data.split("test"), len(data.class_names)
         rates = transfer_rates(source, victims, test.images[:], test.labels, construction, n_classes,
-                               seed=seed, batch_size=batch_size, device=device)
+                               seed=seed, batch_size=batch_size, device=device, ensemble=ensemble)
     return transfer_table(rates, {a: read_metrics(p) for a, p in learned_metrics.items()},
                           {a: read_metrics(p) for a, p in standard_metrics.items()})
 
@@ -285,8 +290,11 @@ def rebuttals_study(*, judge_path, source_path, ensemble_paths: Sequence[str], c
     nakkiran = {}
     for name, path in constructed.items():
         cfg = constructions[name]
+        # the plain set attacks its source alone (rebuttal_sets), the fresh models are the
+        # non-transferable attack's
         rates = transfer_rates(source, {"judge": judge}, test_images, test_labels, cfg, n_classes, seed=seed,
-                               batch_size=batch_size, device=device, ensemble=ensemble)
+                               batch_size=batch_size, device=device,
+                               ensemble=ensemble if cfg["method"] == "nontransferable" else ())
         nakkiran[name] = {"method": cfg["method"], **constructed_summary(path),
                           "test_source_success_rate": 100 * rates["source"],
                           "judge_transfer_rate": 100 * rates["judge"],

@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
-                            fresh_sources, nontransferable_set, source_seed, target_train_config,
+                            fresh_sources, nontransferable_set, rebuttal_sets, source_seed, target_train_config,
                             validate_config)
 from notbugs.construct import METHODS
 from notbugs.evaluate import autoattack_config, pgd_config

@@ -6,6 +6,7 @@ if STUDIES["transfer"]["enabled"]:
     rule study_transfer:
         input:
             source=f"{RESULTS}/sources/{config['constructions'][TRANSFER_SET]['source']}/model.pt",
+            ensemble=[f"{RESULTS}/sources/{s}/model.pt" for s in config["constructions"][TRANSFER_SET].get("ensemble", [])],
             data=f"{RESULTS}/data.h5",
             standard=[f"{RESULTS}/{target_dir(ORIGINAL_SET, a)}/model.pt" for a in TRANSFER_ARCHS],
             standard_metrics=[f"{RESULTS}/{target_dir(ORIGINAL_SET, a)}/metrics.json" for a in TRANSFER_ARCHS],
@@ -90,7 +91,7 @@ if STUDIES["gaussian"]["enabled"]:
 
 if STUDIES["rebuttals"]["enabled"]:
     REBUTTAL_SET = STUDIES["rebuttals"]["construction"]
-    REBUTTAL_SETS = [REBUTTAL_SET, nontransferable_set(REBUTTAL_SET)]
+    REBUTTAL_SETS = rebuttal_sets(config)
 
     rule study_rebuttals:
         input:

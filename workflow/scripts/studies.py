@@ -12,7 +12,7 @@ def transfer(smk, device):
         learned_metrics=dict(zip(archs, smk.input.learned_metrics)),
         standard_metrics=dict(zip(archs, smk.input.standard_metrics)), data_path=smk.input.data,
         construction=smk.params.construction, fast=smk.params.fast, seed=smk.params.seed,
-        batch_size=smk.params.batch_size, device=device)
+        batch_size=smk.params.batch_size, device=device, ensemble_paths=list(smk.input.ensemble))
     studies.write_table(table, smk.output[0])
 
 
