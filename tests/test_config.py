@@ -130,6 +130,19 @@ def test_a_pgd_ensemble_names_other_existing_sources(config):
     validate_config(config, SCHEMA)
 
 
+def test_a_pgd_set_drops_rows_read_as_t_only_by_an_existing_source(config):
+    config["constructions"]["d_det"]["drop_read_as_target_by"] = "nonexistent"
+    message = _error(config)
+    assert "constructions.d_det.drop_read_as_target_by" in message and "'nonexistent'" in message
+    config["constructions"]["d_det"]["drop_read_as_target_by"] = "robust"
+    config["studies"] = {"rebuttals": {"enabled": True, "construction": "d_det"}}
+    assert "studies.rebuttals.construction" in _error(config)
+    config["studies"] = {}
+    validate_config(config, SCHEMA)
+    config["constructions"]["d_r"]["drop_read_as_target_by"] = "robust"  # pgd sets only
+    assert "constructions.d_r" in _error(config)
+
+
 def test_a_source_seed_offset_follows_the_run_seed(config):
     from notbugs.config import source_seed
     config["seed"] = 7
@@ -347,6 +360,20 @@ def test_epochs_by_set_sets_one_training_sets_epochs(config):
 def test_epochs_by_set_must_name_a_training_set(config):
     config["targets"]["epochs_by_set"] = {"d_nope": 30}
     assert "targets.epochs_by_set.d_nope" in _error(config)
+
+
+def test_augment_by_set_changes_one_training_sets_augmentation(config):
+    from notbugs.config import target_train_config
+    config["targets"]["train"]["augment"] = {"crop": False, "flip": True}
+    config["targets"]["augment_by_set"] = {s: {"crop": True} for s in ("d", "d_r", "d_r_blend")}
+    validate_config(config, SCHEMA)
+    assert target_train_config(config, "d")["augment"] == {"crop": True, "padding": 4, "flip": True}
+    assert target_train_config(config, "d_rand")["augment"] == {"crop": False, "padding": 4, "flip": True}
+    config["targets"]["augment_by_set"] = {"d_nope": {"crop": True}}
+    assert "targets.augment_by_set.d_nope" in _error(config)
+    config["targets"]["augment_by_set"] = {"d_rand": {"crop": True}}
+    message = _error(config)
+    assert "comparisons." in message and "d_leak_rand" in message and "augment" in message
 
 
 def test_a_claim_and_its_control_must_train_for_the_same_epochs(config):

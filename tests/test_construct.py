@@ -293,15 +293,19 @@ def _keep_reached_setup(tmp_path):
     return data_path, train_tiny_model(data_path, tmp_path / "source", epochs=2)
 
 
-def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None, precision="float32", steps=5):
+def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None, precision="float32", steps=5,
+           drop=None):
     from notbugs.config import complete
+    extra = {"drop_read_as_target_by": "judge"} if drop else {}
     cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_rand", mask="label")) if twin else
            complete(f"constructions.{name}", dict(method="pgd", source="standard", target="random", eps=0.5,
-                                                   steps=steps, step_size=0.1, keep=keep, precision=precision)))
+                                                   steps=steps, step_size=0.1, keep=keep, precision=precision,
+                                                   **extra)))
+    suffix = "-drop" if drop else ""
     return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
-                               output=tmp_path / f"{name}-{keep or 'twin'}-{precision}.h5", seed=0,
-                               device=torch.device("cpu"),
-                               chunk_size=64, fast=complete("fast_paths"), twin=twin, check_checkpoint=check)
+                               output=tmp_path / f"{name}-{keep or 'twin'}-{precision}{suffix}.h5", seed=0,
+                               device=torch.device("cpu"), chunk_size=64, fast=complete("fast_paths"), twin=twin,
+                               check_checkpoint=check, drop_checkpoint=drop)
 
 
 def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_them(tmp_path):
@@ -338,6 +342,44 @@ def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_
     with hdf5.open_artifact(twin) as t, hdf5.open_artifact(kept) as b:
         np.testing.assert_array_equal(t.split("train")["orig_index"][:], b.split("train")["orig_index"][:])
         np.testing.assert_array_equal(t.split("train").labels, b.split("train").labels)
+
+
+def test_drop_read_as_target_by_leaves_out_the_rows_its_model_reads_as_t(tmp_path):
+    """The rows that another (robust) model classifies as t after the attack are dropped from the
+    kept rows; the file's robust-leakage check with the same model then finds none, and a twin
+    copies what is left."""
+    from helpers import train_tiny_model
+    from notbugs import hdf5
+    from notbugs.batches import predict
+    from notbugs.config import complete
+    from notbugs.models import accelerate, load_model
+    data_path, source = _keep_reached_setup(tmp_path)
+    judge = train_tiny_model(data_path, tmp_path / "judge", epochs=2, seed=5)
+    every = _build(tmp_path, data_path, source, "d_rand", "all")
+    dropped = _build(tmp_path, data_path, source, "d_rand", "reached", check=judge, drop=judge)
+    with hdf5.open_artifact(every) as a, hdf5.open_artifact(dropped) as b:
+        all_rows = a.split("train")
+        model = accelerate(load_model(judge, device=torch.device("cpu"))[0], complete("fast_paths"))
+        read_as_t = predict(model, all_rows.images, 64, torch.device("cpu")) == all_rows.labels
+        reached = all_rows["target_reached"][:]
+        assert (reached & read_as_t).any() and (reached & ~read_as_t).any(), "the test needs both kinds of row"
+        expected = reached & ~read_as_t
+        np.testing.assert_array_equal(b.split("train")["orig_index"][:], all_rows["orig_index"][:][expected])
+        np.testing.assert_array_equal(b.split("train").images[:], all_rows.images[:][expected])
+        assert b.attrs["rows_dropped_read_as_target"] == (reached & read_as_t).sum()
+        assert b.attrs["rows_kept"] == expected.sum() and b.attrs["success_rate"] == reached.mean()
+        assert b.attrs["robust_says_target_rate"] == 0.0
+    twin = _build(tmp_path, data_path, source, "d_leak_rand", twin=dropped)
+    with hdf5.open_artifact(twin) as t, hdf5.open_artifact(dropped) as b:
+        np.testing.assert_array_equal(t.split("train")["orig_index"][:], b.split("train")["orig_index"][:])
+    # judged by the attacked model itself, every reached row reads as t: nothing is left
+    with pytest.raises(ValueError, match="no row is left"):
+        _build(tmp_path, data_path, source, "d_self", "reached", drop=source)
+    with pytest.raises(ValueError, match="drop_read_as_target_by"):
+        construct.construct("d_rand", complete("constructions.d_rand", dict(
+            method="pgd", source="standard", drop_read_as_target_by="judge")), data_path=data_path,
+            source_checkpoint=source, output=tmp_path / "no-judge.h5", seed=0, device=torch.device("cpu"),
+            chunk_size=64, fast=complete("fast_paths"))
 
 
 def test_keep_reached_resumes_a_copy_that_was_interrupted(tmp_path, monkeypatch):

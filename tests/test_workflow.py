@@ -156,6 +156,9 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
     import time
 
     config = tiny_config()
+    # long enough that the first run still holds its lock once the second has built its DAG
+    # (Snakemake checks the lock only then: 5-15 s after starting, more on a busy machine)
+    config["sources"]["robust"]["train"]["epochs"] = 150
     write_config(tmp_path, config)
     target = "results/tiny/sources/robust/model.pt"
     cmd = [SNAKEMAKE, "-s", str(SNAKEFILE), "--directory", str(tmp_path),

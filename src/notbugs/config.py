@@ -211,6 +211,10 @@ def expand_studies(config: dict) -> bool:
     if studies["rebuttals"]["enabled"]:
         study = studies["rebuttals"]
         name, cons = _pgd_construction(config, "rebuttals")
+        if "drop_read_as_target_by" in cons:
+            raise ConfigError(f"config key 'studies.rebuttals.construction': {name!r} drops the rows a robust model "
+                              "reads as t, which its non-transferable version cannot do; name a pgd set without "
+                              "drop_read_as_target_by")
         plain = rebuttal_sets(config)[0]
         if plain != name:  # the non-transferable set attacks one source, so its plain twin does too
             _add(constructions, "constructions", plain, {k: v for k, v in cons.items() if k != "ensemble"})
@@ -316,6 +320,10 @@ def check_references(config: Mapping) -> None:
         if "source" in cons and cons["source"] not in sources:
             raise ConfigError(f"config key 'constructions.{name}.source': no source named "
                               f"{cons['source']!r} (sources: {sorted(sources)})")
+        judge = cons.get("drop_read_as_target_by")
+        if judge is not None and judge not in sources:
+            raise ConfigError(f"config key 'constructions.{name}.drop_read_as_target_by': no source named "
+                              f"{judge!r} (sources: {sorted(sources)})")
         for i, member in enumerate(cons.get("ensemble", [])):
             if member not in sources:
                 raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': no source named {member!r}")
@@ -346,16 +354,18 @@ def check_references(config: Mapping) -> None:
     if check is not None and check not in sources:
         raise ConfigError(f"config key 'robust_leakage_check': no source named {check!r} (sources: {sorted(sources)})")
     train_sets = config["targets"]["train_sets"]
-    for train_set in config["targets"]["epochs_by_set"]:
-        if train_set not in train_sets:
-            raise ConfigError(f"config key 'targets.epochs_by_set.{train_set}': not one of targets.train_sets "
-                              f"({train_sets})")
+    for key in ("epochs_by_set", "augment_by_set"):
+        for train_set in config["targets"][key]:
+            if train_set not in train_sets:
+                raise ConfigError(f"config key 'targets.{key}.{train_set}': not one of targets.train_sets "
+                                  f"({train_sets})")
     for i, comparison in enumerate(config["comparisons"]):
-        epochs = {s: target_train_config(config, s)["epochs"] for s in (comparison["better"], comparison["worse"])}
-        if len(set(epochs.values())) > 1:
-            raise ConfigError(f"config key 'comparisons.{i}': {comparison['better']} and {comparison['worse']} train "
-                              f"for different numbers of epochs ({epochs}, targets.epochs_by_set); a claim and "
-                              "its control need the same recipe")
+        pair = (comparison["better"], comparison["worse"])
+        for key, by_set in (("epochs", "epochs_by_set"), ("augment", "augment_by_set")):
+            recipes = {s: target_train_config(config, s)[key] for s in pair}
+            if recipes[pair[0]] != recipes[pair[1]]:
+                raise ConfigError(f"config key 'comparisons.{i}': {pair[0]} and {pair[1]} train with different "
+                                  f"{key} ({recipes}, targets.{by_set}); a claim and its control need the same recipe")
         radii = {constructions[s]["eps"] for s in (comparison["better"], comparison["worse"])
                  if s in constructions and "eps" in constructions[s]}
         if len(radii) > 1:
@@ -391,9 +401,11 @@ def check_references(config: Mapping) -> None:
 
 def target_train_config(config: Mapping, train_set: str) -> dict:
     """The training settings of the targets trained on ``train_set``: targets.train, with the
-    epochs of targets.epochs_by_set where it names the set."""
+    epochs of targets.epochs_by_set and the augmentation of targets.augment_by_set where they name the set."""
     targets = config["targets"]
-    return {**targets["train"], "epochs": targets["epochs_by_set"].get(train_set, targets["train"]["epochs"])}
+    train = targets["train"]
+    return {**train, "epochs": targets["epochs_by_set"].get(train_set, train["epochs"]),
+            "augment": {**train["augment"], **targets["augment_by_set"].get(train_set, {})}}
 
 
 def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from notbugs import attacks, hdf5
 from notbugs.batches import predict, read_rows, to_float
-from notbugs.models import MeanLogits, accelerate, file_sha256, load_model, straight_through_last_relu
+from notbugs.models import attacked_model, accelerate, file_sha256, load_model, straight_through_last_relu
 from notbugs.runtime import partial_path
 from notbugs.sampling import choose_targets, chunk_generator, derangement
 
@@ -166,7 +166,7 @@ class TargetedPGD(Method):
 
     def build(self, chunk: Chunk) -> Built:
         cfg = self.cfg
-        model = MeanLogits([self.source, *self.ensemble]) if self.ensemble else self.source
+        model = attacked_model(self.source, self.ensemble)
         res = attacks.pgd(model, chunk.x, chunk.targets, eps=cfg["eps"], steps=cfg["steps"],
                           step_size=cfg["step_size"], norm="l2", targeted=True, keep_best=cfg["keep_best"],
                           generator=chunk.generator)
@@ -276,12 +276,18 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, 
                                                          PixelBlend)}
 
 
+def _classify_rows(checkpoint, writer: hdf5.ChunkedWriter, batch_size: int, device: torch.device,
+                   fast: Mapping) -> np.ndarray:
+    """The predictions of the model in ``checkpoint`` on every image ``writer`` holds (streamed)."""
+    model = accelerate(load_model(checkpoint, device=device)[0], fast)
+    return predict(model, writer.dataset("images"), batch_size, device)
+
+
 def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.ndarray, labels: np.ndarray,
                          batch_size: int, device: torch.device, fast: Mapping) -> dict:
     """How often a robust model reads each constructed image as its new label t and as its
     original label y (docs/paper-notes.md §7: a large ε can paint in robust features of t)."""
-    model = accelerate(load_model(checkpoint, device=device)[0], fast)
-    predictions = predict(model, writer.dataset("images"), batch_size, device)  # streamed: memory stays flat
+    predictions = _classify_rows(checkpoint, writer, batch_size, device, fast)
     return {"robust_check_checkpoint": str(checkpoint),
             "robust_says_target_rate": float((predictions == targets).mean()),
             "robust_says_label_rate": float((predictions == labels).mean())}
@@ -311,14 +317,19 @@ def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
 def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoint: str | Path | None,
               output: str | Path, seed: int, device: torch.device, chunk_size: int, fast: Mapping,
               ensemble_checkpoints: Sequence[str | Path] = (), twin: str | Path | None = None,
-              check_checkpoint: str | Path | None = None) -> Path:
+              check_checkpoint: str | Path | None = None, drop_checkpoint: str | Path | None = None) -> Path:
     """Build construction ``name`` (its validated config ``cfg``) into ``output``, resuming a
     matching ``.partial`` file. ``twin``: the constructed file a control copies its rows and
-    labels from (a leakage control's PGD set, a blend control's inversion). ``check_checkpoint``: a robust model that classifies every constructed image
-    afterwards, to measure how often the attack painted in robust features of t."""
+    labels from (a leakage control's PGD set, a blend control's inversion). ``check_checkpoint``:
+    a robust model that classifies every constructed image afterwards, to measure how often the
+    attack painted in robust features of t. ``drop_checkpoint``: the model of the config's
+    ``drop_read_as_target_by``; the rows it reads as t are left out of the set."""
     method_class = METHODS.get(cfg["method"])
     if method_class is None:
         raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
+    if bool(cfg.get("drop_read_as_target_by")) != (drop_checkpoint is not None):
+        raise ValueError(f"construction {name}: drop_read_as_target_by is {cfg.get('drop_read_as_target_by')!r} "
+                         f"but the model checkpoint given to judge the rows is {drop_checkpoint!r}")
     attack_fast = {**fast, "bf16_autocast": fast["bf16_autocast"] or cfg.get("precision") == "bfloat16"}
     ensemble, source_sha = [], None
     if source_checkpoint is not None:
@@ -349,11 +360,12 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                                   "data": file_sha256(data_path)}, sort_keys=True)
         columns = {**_columns(image_shape), **method.extra_columns}
         keep_reached = cfg.get("keep", "all") == "reached"
-        # keep: reached builds every row first (under another name) and copies the rows whose
-        # attack reached t into the output afterwards; both steps resume after a kill.
+        subset = keep_reached or drop_checkpoint is not None
+        # A subset (keep: reached, drop_read_as_target_by) builds every row first (under another
+        # name) and copies the rows it keeps into the output afterwards; both steps resume after a kill.
         all_rows_path = Path(output).with_name(Path(output).name + ".all")
-        build_path = all_rows_path if keep_reached else output
-        if not keep_reached:  # a keep: reached run of this set that was killed and is now reconfigured
+        build_path = all_rows_path if subset else output
+        if not subset:  # a subset run of this set that was killed and is now reconfigured
             partial_path(all_rows_path).unlink(missing_ok=True)
         writer = hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
         kept_writer = None
@@ -383,15 +395,23 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
             reached = writer.read_column("target_reached")
             kept = np.arange(n)
             final = writer
-            if keep_reached:
-                kept = np.flatnonzero(reached)
+            dropped = {}
+            if subset:
+                keep_mask = reached.copy() if keep_reached else np.ones(n, dtype=bool)
+                if drop_checkpoint is not None:
+                    read_as_target = _classify_rows(drop_checkpoint, writer, chunk_size, device, fast) == targets[rows]
+                    dropped = {"drop_checkpoint": str(drop_checkpoint),
+                               "rows_dropped_read_as_target": int((keep_mask & read_as_target).sum())}
+                    keep_mask &= ~read_as_target
+                kept = np.flatnonzero(keep_mask)
                 if len(kept) == 0:
-                    raise ValueError(f"construction {name}: the attack reached its target on no row, so "
-                                     "keep: reached leaves an empty set")
+                    raise ValueError(f"construction {name}: no row is left (keep: {cfg.get('keep', 'all')}, "
+                                     f"drop_read_as_target_by: {cfg.get('drop_read_as_target_by')}), so the set "
+                                     "would be empty")
                 kept_sha = hashlib.sha256(kept.astype(np.int64).tobytes()).hexdigest()
                 final = kept_writer = hdf5.ChunkedWriter(output, len(kept), columns, f"{fingerprint} kept={kept_sha}")
                 _copy_rows(writer, kept_writer, kept, chunk_size, name)
-                log.info("%s: kept the %d/%d rows whose attack reached its target", name, len(kept), n)
+                log.info("%s: kept %d/%d rows (%s)", name, len(kept), n, dropped or "the attack reached t")
             norms = writer.read_column("perturbation_norm")[kept]
             check = (robust_leakage_check(check_checkpoint, final, targets[rows[kept]], labels[rows[kept]],
                                           chunk_size, device, fast)
@@ -413,12 +433,13 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 "rows_attacked": n,
                 "rows_in_source_set": len(labels),
                 "twin": str(twin) if twin else "",
+                **dropped,
                 **check,
             }
             log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
             finished = final.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
                                     seed=seed, source=f"{cfg['method']} construction {name!r}", extra_attrs=summary)
-            if keep_reached:
+            if subset:
                 writer.close()
                 partial_path(build_path).unlink(missing_ok=True)
             return finished

@@ -60,6 +60,11 @@ class MeanLogits(nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
+def attacked_model(source: nn.Module, ensemble: Sequence[nn.Module] = ()) -> nn.Module:
+    """What a pgd construction attacks: its source, or the mean logits of source and ensemble."""
+    return MeanLogits([source, *ensemble]) if ensemble else source
+
+
 class FinalReLU(nn.Module):
     """The ReLU that produces a model's representation. With ``straight_through`` its backward
     pass is the identity (the forward value is unchanged): the authors' inversions match the

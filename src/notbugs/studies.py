@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from notbugs import attacks, hdf5, references
 from notbugs.batches import float_batches
-from notbugs.models import MeanLogits, accelerate, load_model
+from notbugs.models import attacked_model, accelerate, load_model
 from notbugs.runtime import atomic_write
 from notbugs.sampling import choose_targets
 
@@ -46,7 +46,7 @@ def replay_attack(construction: Mapping, source: torch.nn.Module, ensemble: Sequ
     if construction["method"] == "nontransferable":
         return attacks.nontransferable_pgd(source, list(ensemble), x, y, t, weight=construction["ensemble_weight"],
                                            **kwargs)
-    return attacks.pgd(MeanLogits([source, *ensemble]) if ensemble else source, x, t, targeted=True, **kwargs)
+    return attacks.pgd(attacked_model(source, ensemble), x, t, targeted=True, **kwargs)
 
 
 def transfer_rates(source: torch.nn.Module, victims: Mapping[str, torch.nn.Module], images: np.ndarray,

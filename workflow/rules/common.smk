@@ -104,6 +104,8 @@ def construction_inputs(wildcards):
     if "source" in construction:  # the schema requires one exactly for the methods that use a model
         inputs["source"] = f"{RESULTS}/sources/{construction['source']}/model.pt"
     inputs["ensemble"] = [f"{RESULTS}/sources/{s}/model.pt" for s in construction.get("ensemble", [])]
+    if "drop_read_as_target_by" in construction:
+        inputs["drop"] = f"{RESULTS}/sources/{construction['drop_read_as_target_by']}/model.pt"
     if "twin_of" in construction:
         inputs["twin"] = f"{RESULTS}/constructed/{construction['twin_of']}.h5"
     if config["robust_leakage_check"] and METHODS[construction["method"]].targeted_attack:

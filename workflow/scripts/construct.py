@@ -10,7 +10,8 @@ def main(smk):
               source_checkpoint=smk.input.get("source"), output=smk.output[0],
               seed=smk.params.seed, device=device, chunk_size=smk.params.chunk_size,
               ensemble_checkpoints=list(smk.input.ensemble), fast=smk.params.fast,
-              twin=smk.input.get("twin"), check_checkpoint=smk.input.get("check"))
+              twin=smk.input.get("twin"), check_checkpoint=smk.input.get("check"),
+              drop_checkpoint=smk.input.get("drop"))
 
 
 if __name__ == "__main__":
