@@ -134,9 +134,12 @@ def test_a_pgd_set_drops_rows_read_as_t_only_by_an_existing_source(config):
     config["constructions"]["d_det"]["drop_read_as_target_by"] = "nonexistent"
     message = _error(config)
     assert "constructions.d_det.drop_read_as_target_by" in message and "'nonexistent'" in message
+    config["constructions"]["d_det"]["drop_read_as_target_by"] = config["constructions"]["d_det"]["source"]
+    assert "turns towards t" in _error(config)
     config["constructions"]["d_det"]["drop_read_as_target_by"] = "robust"
-    config["studies"] = {"rebuttals": {"enabled": True, "construction": "d_det"}}
-    assert "studies.rebuttals.construction" in _error(config)
+    for study in ("rebuttals", "transfer"):
+        config["studies"] = {study: {"enabled": True, "construction": "d_det"}}
+        assert f"studies.{study}.construction" in _error(config)
     config["studies"] = {}
     validate_config(config, SCHEMA)
     config["constructions"]["d_r"]["drop_read_as_target_by"] = "robust"  # pgd sets only

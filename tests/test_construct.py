@@ -344,10 +344,12 @@ def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_
         np.testing.assert_array_equal(t.split("train").labels, b.split("train").labels)
 
 
-def test_drop_read_as_target_by_leaves_out_the_rows_its_model_reads_as_t(tmp_path):
+@pytest.mark.parametrize("keep", ["reached", "all"])
+def test_drop_read_as_target_by_leaves_out_the_rows_its_model_reads_as_t(tmp_path, keep):
     """The rows that another (robust) model classifies as t after the attack are dropped from the
-    kept rows; the file's robust-leakage check with the same model then finds none, and a twin
-    copies what is left."""
+    rows ``keep`` keeps (rows with t = y stay: reading their true class is not leakage); the
+    file's robust-leakage check with the same model then finds none, and a twin copies what is
+    left."""
     from helpers import train_tiny_model
     from notbugs import hdf5
     from notbugs.batches import predict
@@ -356,25 +358,28 @@ def test_drop_read_as_target_by_leaves_out_the_rows_its_model_reads_as_t(tmp_pat
     data_path, source = _keep_reached_setup(tmp_path)
     judge = train_tiny_model(data_path, tmp_path / "judge", epochs=2, seed=5)
     every = _build(tmp_path, data_path, source, "d_rand", "all")
-    dropped = _build(tmp_path, data_path, source, "d_rand", "reached", check=judge, drop=judge)
+    dropped = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge)
     with hdf5.open_artifact(every) as a, hdf5.open_artifact(dropped) as b:
         all_rows = a.split("train")
         model = accelerate(load_model(judge, device=torch.device("cpu"))[0], complete("fast_paths"))
-        read_as_t = predict(model, all_rows.images, 64, torch.device("cpu")) == all_rows.labels
-        reached = all_rows["target_reached"][:]
+        t, y = all_rows.labels, all_rows["orig_label"][:]
+        says_t = predict(model, all_rows.images, 64, torch.device("cpu")) == t
+        read_as_t = says_t & (t != y)
+        reached = all_rows["target_reached"][:] if keep == "reached" else np.ones(len(t), dtype=bool)
         assert (reached & read_as_t).any() and (reached & ~read_as_t).any(), "the test needs both kinds of row"
+        assert (reached & (t == y)).any(), "the test needs rows with t = y"
         expected = reached & ~read_as_t
         np.testing.assert_array_equal(b.split("train")["orig_index"][:], all_rows["orig_index"][:][expected])
         np.testing.assert_array_equal(b.split("train").images[:], all_rows.images[:][expected])
         assert b.attrs["rows_dropped_read_as_target"] == (reached & read_as_t).sum()
-        assert b.attrs["rows_kept"] == expected.sum() and b.attrs["success_rate"] == reached.mean()
-        assert b.attrs["robust_says_target_rate"] == 0.0
+        assert b.attrs["rows_kept"] == expected.sum()
+        assert b.attrs["success_rate"] == all_rows["target_reached"][:].mean()
+        # the same model reads t only on kept rows whose t is their true class
+        assert not (says_t[expected] & (t != y)[expected]).any()
+        assert b.attrs["robust_says_target_rate"] == pytest.approx(says_t[expected].mean())
     twin = _build(tmp_path, data_path, source, "d_leak_rand", twin=dropped)
     with hdf5.open_artifact(twin) as t, hdf5.open_artifact(dropped) as b:
         np.testing.assert_array_equal(t.split("train")["orig_index"][:], b.split("train")["orig_index"][:])
-    # judged by the attacked model itself, every reached row reads as t: nothing is left
-    with pytest.raises(ValueError, match="no row is left"):
-        _build(tmp_path, data_path, source, "d_self", "reached", drop=source)
     with pytest.raises(ValueError, match="drop_read_as_target_by"):
         construct.construct("d_rand", complete("constructions.d_rand", dict(
             method="pgd", source="standard", drop_read_as_target_by="judge")), data_path=data_path,

@@ -6,6 +6,7 @@ Dry runs only: nothing here trains, reads data or submits jobs, and each test ta
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 from pathlib import Path
 
@@ -183,6 +184,25 @@ def test_dry_run_plans_every_stage(path, tmp_path, monkeypatch):
     assert counts["evaluate_target"] == n_targets
     name = config["dataset"]["name"]
     assert all(job["output"].startswith(f"results/{name}/") for job in jobs)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=_id)
+def test_a_set_without_robust_leakage_waits_for_its_judge_and_its_twin_for_it(path, tmp_path, monkeypatch):
+    """Every preset builds D_det without the rows its robust source reads as t: that job takes
+    the robust model as input, and the set's leakage twin takes the set."""
+    (with_data_root(path, tmp_path) / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, SCHEMA)
+    name = config["dataset"]["name"]
+    assert config["constructions"]["d_det_no_robust_t"]["drop_read_as_target_by"] == "robust"
+    _, text = dry_run(tmp_path, "--configfile", str(path), "--cores", "2",
+                      f"results/{name}/constructed/d_leak_det_no_robust_t.h5")
+    blocks = {re.search(r"output: (\S+)", b).group(1): b for b in re.split(r"\n(?=rule \w+:)", text)
+              if "output:" in b}
+    judged = blocks[f"results/{name}/constructed/d_det_no_robust_t.h5"]
+    assert f"results/{name}/sources/robust/model.pt" in re.search(r"input: (.*)", judged).group(1)
+    twin = blocks[f"results/{name}/constructed/d_leak_det_no_robust_t.h5"]
+    assert f"results/{name}/constructed/d_det_no_robust_t.h5" in re.search(r"input: (.*)", twin).group(1)
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_id)

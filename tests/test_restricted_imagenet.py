@@ -352,9 +352,9 @@ def test_the_whole_pipeline_runs_on_a_tiny_imagenet_tree(tmp_path):
     with hdf5.open_artifact(results / "constructed" / "d_rand.h5", kind="constructed") as art:
         assert art.split("train").images.dtype == np.float32
     models = pd.read_csv(results / "tables" / "models.csv")
-    assert len(models) == 3 + 10 * 2  # the sources and two replicates of each of the ten training sets
+    assert len(models) == 3 + 12 * 2  # the sources and two replicates of each of the twelve training sets
     claims = pd.read_csv(results / "tables" / "claims.csv")
-    assert len(claims) == 5
+    assert len(claims) == 6
     assert (results / "summary.md").exists() and (results / "figures" / "figure2.png").exists()
     log = (work / "logs" / "restricted_imagenet" / "train_source" / "standard.log").read_text()
     assert "launching 2 training processes" in log and "rank 0" in log

@@ -180,6 +180,10 @@ def _pgd_construction(config: Mapping, study: str) -> tuple[str, dict]:
     if cons is None or cons["method"] != "pgd":
         raise ConfigError(f"config key 'studies.{study}.construction': {name!r} is not a pgd construction "
                           f"(constructions: {sorted(config['constructions'])})")
+    if "drop_read_as_target_by" in cons:  # the studies replay or rebuild the attack on every row
+        raise ConfigError(f"config key 'studies.{study}.construction': {name!r} drops the rows a robust model "
+                          "reads as t, which the study's replayed attack cannot; name a pgd set without "
+                          "drop_read_as_target_by")
     return name, cons
 
 
@@ -211,10 +215,6 @@ def expand_studies(config: dict) -> bool:
     if studies["rebuttals"]["enabled"]:
         study = studies["rebuttals"]
         name, cons = _pgd_construction(config, "rebuttals")
-        if "drop_read_as_target_by" in cons:
-            raise ConfigError(f"config key 'studies.rebuttals.construction': {name!r} drops the rows a robust model "
-                              "reads as t, which its non-transferable version cannot do; name a pgd set without "
-                              "drop_read_as_target_by")
         plain = rebuttal_sets(config)[0]
         if plain != name:  # the non-transferable set attacks one source, so its plain twin does too
             _add(constructions, "constructions", plain, {k: v for k, v in cons.items() if k != "ensemble"})
@@ -324,6 +324,9 @@ def check_references(config: Mapping) -> None:
         if judge is not None and judge not in sources:
             raise ConfigError(f"config key 'constructions.{name}.drop_read_as_target_by': no source named "
                               f"{judge!r} (sources: {sorted(sources)})")
+        if judge is not None and (judge == cons.get("source") or judge in cons.get("ensemble", [])):
+            raise ConfigError(f"config key 'constructions.{name}.drop_read_as_target_by': {judge!r} is a model the "
+                              "attack itself turns towards t; name another (robust) source")
         for i, member in enumerate(cons.get("ensemble", [])):
             if member not in sources:
                 raise ConfigError(f"config key 'constructions.{name}.ensemble.{i}': no source named {member!r}")

@@ -284,10 +284,13 @@ def _classify_rows(checkpoint, writer: hdf5.ChunkedWriter, batch_size: int, devi
 
 
 def robust_leakage_check(checkpoint, writer: hdf5.ChunkedWriter, targets: np.ndarray, labels: np.ndarray,
-                         batch_size: int, device: torch.device, fast: Mapping) -> dict:
+                         batch_size: int, device: torch.device, fast: Mapping,
+                         predictions: np.ndarray | None = None) -> dict:
     """How often a robust model reads each constructed image as its new label t and as its
-    original label y (docs/paper-notes.md §7: a large ε can paint in robust features of t)."""
-    predictions = _classify_rows(checkpoint, writer, batch_size, device, fast)
+    original label y (docs/paper-notes.md §7: a large ε can paint in robust features of t).
+    ``predictions``: the model's, already computed on ``writer``'s images."""
+    if predictions is None:
+        predictions = _classify_rows(checkpoint, writer, batch_size, device, fast)
     return {"robust_check_checkpoint": str(checkpoint),
             "robust_says_target_rate": float((predictions == targets).mean()),
             "robust_says_label_rate": float((predictions == labels).mean())}
@@ -395,11 +398,13 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
             reached = writer.read_column("target_reached")
             kept = np.arange(n)
             final = writer
-            dropped = {}
+            dropped, judged = {}, None
             if subset:
                 keep_mask = reached.copy() if keep_reached else np.ones(n, dtype=bool)
                 if drop_checkpoint is not None:
-                    read_as_target = _classify_rows(drop_checkpoint, writer, chunk_size, device, fast) == targets[rows]
+                    judged = _classify_rows(drop_checkpoint, writer, chunk_size, device, fast)
+                    # where t = y, reading t is reading the true class, not leakage: those rows stay
+                    read_as_target = (judged == targets[rows]) & (targets[rows] != labels[rows])
                     dropped = {"drop_checkpoint": str(drop_checkpoint),
                                "rows_dropped_read_as_target": int((keep_mask & read_as_target).sum())}
                     keep_mask &= ~read_as_target
@@ -413,8 +418,10 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 _copy_rows(writer, kept_writer, kept, chunk_size, name)
                 log.info("%s: kept %d/%d rows (%s)", name, len(kept), n, dropped or "the attack reached t")
             norms = writer.read_column("perturbation_norm")[kept]
+            same_model = judged is not None and check_checkpoint is not None \
+                and file_sha256(check_checkpoint) == file_sha256(drop_checkpoint)
             check = (robust_leakage_check(check_checkpoint, final, targets[rows[kept]], labels[rows[kept]],
-                                          chunk_size, device, fast)
+                                          chunk_size, device, fast, judged[kept] if same_model else None)
                      if check_checkpoint else {})
             summary = {
                 "method": cfg["method"],

@@ -31,13 +31,14 @@ from notbugs.stats import mean_interval, paired_comparison
 log = logging.getLogger(__name__)
 
 # Each PGD set followed by its leakage-only twin.
-TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "d_leak_other")
+TABLE1_SETS = ("d", "d_rand", "d_leak_rand", "d_det", "d_leak_det", "d_other", "d_leak_other",
+               "d_det_no_robust_t", "d_leak_det_no_robust_t")
 # Per-image relative representation distance ‖g(z) − g(x)‖/‖g(x)‖ at the end of an inversion
 # (its ``loss`` column), and the share of the way x' → x of a pixel blend (its ``loss`` column).
 DISTANCE_QUANTILES = {"inversion": ("inversion_distance", (10, 50, 90)), "blend": ("blend_lambda", (10, 50, 90))}
 DISTANCE_PREFIXES = tuple(f"{prefix}_" for prefix, _ in DISTANCE_QUANTILES.values())
 CONSTRUCTION_ATTRS = ("success_rate", "mean_perturbation_norm", "eps", "unperturbed_rate", "robust_says_target_rate",
-                     "robust_says_label_rate", "rows_kept")
+                     "robust_says_label_rate", "rows_kept", "rows_dropped_read_as_target")
 _REPLICATE = re.compile(r"^(targets/[^/]+/[^/]+)/r(\d+)$")
 
 
@@ -125,6 +126,7 @@ def table1(models: pd.DataFrame, n_classes: int, constructions: Mapping[str, Map
                     "train_fit": rows.train_fit.mean(),
                     "construction_success_rate": first.construction_success_rate,
                     "train_rows": cons.get("rows_kept", float("nan")),
+                    "rows_dropped_read_as_target": cons.get("rows_dropped_read_as_target", float("nan")),
                     "unperturbed_rate": 100 * cons.get("unperturbed_rate", float("nan")),
                     "robust_says_target": 100 * cons.get("robust_says_target_rate", float("nan")),
                     "robust_says_label": 100 * cons.get("robust_says_label_rate", float("nan")), "n_test": n,
