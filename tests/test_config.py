@@ -156,6 +156,19 @@ def test_a_source_seed_offset_follows_the_run_seed(config):
     assert "sources.robust.seed_offset" in _error(config)
 
 
+def test_a_source_uses_extra_training_images_only_if_the_data_has_them(config):
+    config["sources"]["standard"]["use_extra_train"] = True
+    assert "sources.standard.use_extra_train" in _error(copy.deepcopy(config))
+    config["dataset"]["n_extra_train"] = 1000
+    validated = validate_config(copy.deepcopy(config), SCHEMA)
+    assert validated["sources"]["standard"]["use_extra_train"] and not validated["sources"]["robust"]["use_extra_train"]
+    config["sources"]["standard"]["train"]["loader"] = "stream"
+    assert "train.loader: stream" in _error(copy.deepcopy(config))
+    del config["sources"]["standard"]["train"]["loader"]
+    config["dataset"].update(source="restricted_imagenet", root=".")
+    assert "dataset.n_extra_train" in _error(config)
+
+
 def test_rebuttals_on_an_ensemble_pgd_set_compare_against_a_one_source_copy(config):
     from notbugs.config import rebuttal_sets
     config["sources"]["standard"]["seed_offset"] = 5
@@ -375,8 +388,13 @@ def test_augment_by_set_changes_one_training_sets_augmentation(config):
     config["targets"]["augment_by_set"] = {"d_nope": {"crop": True}}
     assert "targets.augment_by_set.d_nope" in _error(config)
     config["targets"]["augment_by_set"] = {"d_rand": {"crop": True}}
-    message = _error(config)
+    message = _error(copy.deepcopy(config))
     assert "comparisons." in message and "d_leak_rand" in message and "augment" in message
+    # Without crops the padding does nothing, so a claim and its control may differ in it.
+    config["targets"]["augment_by_set"] = {"d_rand": {"padding": 2}}
+    validate_config(copy.deepcopy(config), SCHEMA)
+    config["targets"]["augment_by_set"] = {"d_rand": {"crop": True, "padding": 2}, "d_leak_rand": {"crop": True}}
+    assert "d_leak_rand" in _error(config)  # with crops the padding counts
 
 
 def test_a_claim_and_its_control_must_train_for_the_same_epochs(config):

@@ -215,6 +215,31 @@ def test_validation_split_is_held_out_of_the_training_pool(tmp_path):
     assert _match_rows(without["train"]["images"], without["train"]["labels"], pixels, "train") == expected
 
 
+def test_extra_training_images_come_from_outside_the_train_and_val_subsets(tmp_path):
+    pixels = _make_imagefolder(tmp_path, per_class=6)
+    splits, _ = load_imagefolder(tmp_path, 6, None, seed=1, n_val=6, n_extra_train=3)
+    used = {name: _match_rows(splits[name]["images"], splits[name]["labels"], pixels, "train")
+            for name in ("train", "val", "extra_train")}
+    np.testing.assert_array_equal(np.bincount(splits["extra_train"]["labels"], minlength=3), [1, 1, 1])
+    assert len(used["extra_train"]) == 3 and not used["extra_train"] & (used["train"] | used["val"])
+    # The extra images change neither the subset the constructions perturb nor the validation split.
+    without, _ = load_imagefolder(tmp_path, 6, None, seed=1, n_val=6)
+    assert "extra_train" not in without
+    for name in ("train", "val"):
+        np.testing.assert_array_equal(without[name]["images"], splits[name]["images"])
+    with pytest.raises(DataSourceError, match="n_extra_train 9 exceeds the 6 training images outside"):
+        load_imagefolder(tmp_path, 6, None, seed=1, n_val=6, n_extra_train=9)
+
+
+def test_prepare_synthetic_extra_training_images_are_an_independent_draw(tmp_path):
+    cfg = complete("dataset", {"name": "s", "source": "synthetic", "n_train": 50, "n_test": 20, "n_extra_train": 40})
+    with open_artifact(prepare(cfg, seed=2, output=tmp_path / "data.h5"), kind="data") as art:
+        assert art.splits == ["extra_train", "test", "train"]
+        images, labels = make_synthetic(synthetic_spec(), 40, 2, 4)
+        np.testing.assert_array_equal(art.split("extra_train").images[:], images)
+        np.testing.assert_array_equal(art.split("extra_train").labels, labels)
+
+
 def test_prepare_synthetic_validation_split_is_an_independent_draw(tmp_path):
     cfg = complete("dataset", {"name": "s", "source": "synthetic", "n_train": 50, "n_test": 20, "n_val": 30})
     out = prepare(cfg, seed=2, output=tmp_path / "data.h5")

@@ -254,3 +254,36 @@ def test_two_process_training_resumes_after_sigkill_with_identical_result(tmp_pa
     assert f"resuming from {resume_state} after epoch" in log.read_text()
     _assert_same_model(tmp_path / "straight", killed)
     assert not (killed / "checkpoints").exists()
+
+
+def test_a_source_with_use_extra_train_learns_from_the_extra_images(tmp_path):
+    # The train split holds classes 0 and 1 only, the extra_train split class 2 only (each class
+    # a flat colour): only a model that saw the extra images can predict class 2.
+    rng = np.random.default_rng(0)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]], dtype=np.uint8)
+
+    def flat(labels):
+        noise = rng.integers(0, 20, (len(labels), 3, 32, 32), dtype=np.uint8)
+        return colours[labels][:, :, None, None] + noise, labels
+
+    train_images, train_labels = flat(np.arange(120) % 2)
+    extra_images, extra_labels = flat(np.full(60, 2))
+    test_images, test_labels = flat(np.arange(30) % 3)
+    data_path = hdf5.write_artifact(
+        tmp_path / "data.h5", kind="data", class_names=["r", "g", "b"], config={}, seed=0, source="test",
+        splits={"train": {"images": train_images, "labels": train_labels},
+                "extra_train": {"images": extra_images, "labels": extra_labels},
+                "test": {"images": test_images, "labels": test_labels}},
+        extra_attrs={"mean": [0.5] * 3, "std": [0.3] * 3})
+    predicted = {}
+    for use_extra in (False, True):
+        out_dir = tmp_path / f"extra_{use_extra}"
+        job = _job(data_path, out_dir, processes=1, epochs=4, batch_size=30)
+        job["use_extra_train"] = use_extra
+        _train(job, tmp_path / "log.txt")
+        model, meta = load_model(out_dir / "model.pt")
+        predicted[use_extra] = predict(model, extra_images, batch_size=60)
+        provenance = meta["config"]
+        assert provenance.get("extra_train_rows") == (60 if use_extra else None)
+    assert not (predicted[False] == 2).any()
+    assert (predicted[True] == 2).mean() > 0.9

@@ -75,7 +75,7 @@ def inspect_command(args: argparse.Namespace) -> int:
             if art.kind in hdf5.IMAGELESS_KINDS:
                 print(f"error: {args.file} is an {art.kind!r} artifact and holds no images", file=sys.stderr)
                 return 2
-            split_name = args.split or art.splits[0]
+            split_name = args.split or hdf5.KINDS[art.kind][0]
             split = art.split(split_name)
             n = min(args.n, len(split))
             plots.inspect_grid(split.images[:n], split.labels[:n], art.class_names, args.grid, n=n,

@@ -252,6 +252,9 @@ def natural_classes(dataset: Mapping) -> int | None:
 
 def check_dataset(dataset: Mapping) -> None:
     """What would otherwise fail only when prepare_data runs (on a cluster, after queueing)."""
+    if dataset["n_extra_train"] and dataset["source"] == "restricted_imagenet":
+        raise ConfigError("config key 'dataset.n_extra_train': restricted_imagenet streams its training split "
+                          "and has no extra_train split; set n_train instead")
     if dataset["source"] == "imagefolder":
         for split in ("train", "test"):
             if not (Path(dataset["root"]) / split).is_dir():
@@ -269,7 +272,7 @@ def check_dataset(dataset: Mapping) -> None:
                               f"than resolution {settings['resolution']}; the shorter side is resized to `resize` "
                               "before a centre crop of `resolution`")
     n_classes = natural_classes(dataset)
-    for key in ("n_train", "n_test", "n_val"):
+    for key in ("n_train", "n_test", "n_val", "n_extra_train"):
         if n_classes and dataset[key] and dataset[key] % n_classes:
             raise ConfigError(f"config key 'dataset.{key}': {dataset[key]} is not a multiple of the {n_classes} "
                               "classes; subsets are class-balanced")
@@ -314,6 +317,12 @@ def check_references(config: Mapping) -> None:
     for name, source in sources.items():
         if "seed" in source and "seed_offset" in source:
             raise ConfigError(f"config key 'sources.{name}.seed_offset': give seed or seed_offset, not both")
+        if source["use_extra_train"] and not config["dataset"]["n_extra_train"]:
+            raise ConfigError(f"config key 'sources.{name}.use_extra_train': the data has no extra_train split; "
+                              "set dataset.n_extra_train to the number of extra training images")
+        if source["use_extra_train"] and source["train"]["loader"] == "stream":
+            raise ConfigError(f"config key 'sources.{name}.use_extra_train': the extra images are read into "
+                              "memory with the subset, so it does not go with train.loader: stream")
     constructions = config["constructions"]
     for name, cons in constructions.items():
         # The schema says which methods need a source and an ensemble; here only the names are checked.
@@ -365,7 +374,7 @@ def check_references(config: Mapping) -> None:
     for i, comparison in enumerate(config["comparisons"]):
         pair = (comparison["better"], comparison["worse"])
         for key, by_set in (("epochs", "epochs_by_set"), ("augment", "augment_by_set")):
-            recipes = {s: target_train_config(config, s)[key] for s in pair}
+            recipes = {s: _effective(key, target_train_config(config, s)[key]) for s in pair}
             if recipes[pair[0]] != recipes[pair[1]]:
                 raise ConfigError(f"config key 'comparisons.{i}': {pair[0]} and {pair[1]} train with different "
                                   f"{key} ({recipes}, targets.{by_set}); a claim and its control need the same recipe")
@@ -400,6 +409,13 @@ def check_references(config: Mapping) -> None:
     if eps not in config["evaluation"]["eps"]:
         raise ConfigError(f"config key 'figures.figure2_eps': {eps} is not one of the radii that evaluation "
                           f"computes (evaluation.eps: {config['evaluation']['eps']})")
+
+
+def _effective(key: str, value):
+    """A recipe setting as it acts: without crops, the crop padding does nothing."""
+    if key == "augment" and not value.get("crop"):
+        return {k: v for k, v in value.items() if k != "padding"}
+    return value
 
 
 def target_train_config(config: Mapping, train_set: str) -> dict:

@@ -55,7 +55,10 @@ every effect of the paper on a small CNN in a few CPU minutes)
 
 Every source takes optional class-balanced, seeded subsets ``n_train`` / ``n_test`` and holds a
 class-balanced validation split of ``n_val`` images out of the training pool (:func:`split_indices`;
-an independent draw for synthetic data).
+an independent draw for synthetic data). ``n_extra_train`` more class-balanced images of the pool
+(never the train or val subsets) form the split ``extra_train``: sources with
+``use_extra_train: true`` add it to their training set, so they can be trained on far more
+images than the constructions perturb (the paper trains its sources on the whole training set).
 """
 
 from __future__ import annotations
@@ -172,17 +175,33 @@ def make_synthetic(spec: SyntheticSpec, n: int, seed: int, split_seed: int) -> t
 
 # --------------------------------------------------------------------------- natural data
 
-def split_indices(labels: np.ndarray, n_train: int | None, n_val: int, n_classes: int, seed: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, val rows) of a training pool: a class-balanced validation subset of ``n_val``
-    rows first, then a class-balanced training subset of ``n_train`` (all if None) from the rest.
-    With ``n_val`` = 0 the training subset is the one earlier versions drew."""
+def split_indices(labels: np.ndarray, n_train: int | None, n_val: int, n_classes: int, seed: int,
+                  n_extra_train: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train rows, val rows, extra_train rows) of a training pool: a class-balanced validation
+    subset of ``n_val`` rows first, then a class-balanced training subset of ``n_train`` (all if
+    None) from the rest, then ``n_extra_train`` class-balanced rows from what is left (the images
+    only sources may add to their training set). With ``n_val`` = 0 the training subset is the
+    one earlier versions drew, and the extra rows never change the other two."""
     val = balanced_subset(labels, n_val, n_classes, seed + 3) if n_val else np.arange(0)
     rest = np.setdiff1d(np.arange(len(labels)), val)
     if n_val and n_train is not None and n_train > len(rest):
         raise ValueError(f"n_train {n_train} + n_val {n_val} exceed the {len(labels)} training images")
     train = rest[balanced_subset(labels[rest], n_train, n_classes, seed + 1)]
-    return train, val
+    if not n_extra_train:
+        return train, val, np.arange(0)
+    left = np.setdiff1d(rest, train)
+    if n_extra_train > len(left):
+        raise ValueError(f"n_extra_train {n_extra_train} exceeds the {len(left)} training images outside the "
+                         f"train ({len(train)}) and val ({len(val)}) subsets")
+    return train, val, left[balanced_subset(labels[left], n_extra_train, n_classes, seed + 4)]
+
+
+def _pool_rows(labels: np.ndarray, n_train: int | None, n_val: int, n_classes: int, seed: int, n_extra_train: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        return split_indices(labels, n_train, n_val, n_classes, seed, n_extra_train)
+    except ValueError as exc:
+        raise DataSourceError(f"cannot split the {len(labels)} training images: {exc}") from exc
 
 
 def _to_uint8_array(dataset, indices: np.ndarray, desc: str) -> np.ndarray:
@@ -200,7 +219,8 @@ def _to_uint8_array(dataset, indices: np.ndarray, desc: str) -> np.ndarray:
     return out
 
 
-def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, seed: int, *, n_val: int):
+def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, seed: int, *, n_val: int,
+                     n_extra_train: int = 0):
     from torchvision.datasets import ImageFolder
     root = Path(root)
     splits, classes = {}, None
@@ -219,9 +239,10 @@ def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, 
             raise DataSourceError(f"imagefolder: classes differ between train {classes} and test {ds.classes}")
         labels = np.asarray(ds.targets, dtype=np.int64)
         if split == "train":
-            idx, val = split_indices(labels, n, n_val, len(classes), seed)
-            if len(val):
-                splits["val"] = {"images": _to_uint8_array(ds, val, "val images"), "labels": labels[val]}
+            idx, val, extra = _pool_rows(labels, n, n_val, len(classes), seed, n_extra_train)
+            for name, rows in (("val", val), ("extra_train", extra)):
+                if len(rows):
+                    splits[name] = {"images": _to_uint8_array(ds, rows, f"{name} images"), "labels": labels[rows]}
         else:
             idx = balanced_subset(labels, n, len(classes), seed + offset)
         splits[split] = {"images": _to_uint8_array(ds, idx, f"{split} images"), "labels": labels[idx]}
@@ -229,7 +250,7 @@ def load_imagefolder(root: str | Path, n_train: int | None, n_test: int | None, 
 
 
 def load_cifar10(root: str | Path, n_train: int | None, n_test: int | None, seed: int, *, n_val: int,
-                 download: bool = True):
+                 n_extra_train: int = 0, download: bool = True):
     from torchvision.datasets import CIFAR10
     root = Path(root)
     splits = {}
@@ -244,10 +265,11 @@ def load_cifar10(root: str | Path, n_train: int | None, n_test: int | None, seed
                 f"CIFAR-10 JPEG copy) or dataset.source: synthetic.") from exc
         labels = np.asarray(ds.targets, dtype=np.int64)
         if split == "train":
-            idx, val = split_indices(labels, n, n_val, 10, seed)
-            if len(val):
-                splits["val"] = {"images": np.ascontiguousarray(ds.data[val].transpose(0, 3, 1, 2)),
-                                 "labels": labels[val]}
+            idx, val, extra = _pool_rows(labels, n, n_val, 10, seed, n_extra_train)
+            for name, rows in (("val", val), ("extra_train", extra)):
+                if len(rows):
+                    splits[name] = {"images": np.ascontiguousarray(ds.data[rows].transpose(0, 3, 1, 2)),
+                                    "labels": labels[rows]}
         else:
             idx = balanced_subset(labels, n, 10, seed + offset)
         splits[split] = {"images": np.ascontiguousarray(ds.data[idx].transpose(0, 3, 1, 2)),
@@ -489,7 +511,7 @@ def prepare_restricted_imagenet(dataset_cfg: Mapping, seed: int, output: str | P
     found = scan_restricted_imagenet(root)
     pool_labels = found["train"].labels
     train_rows, val_rows = _subset(f"train split of {n_train} (+ {n_val} validation) images", pool_labels,
-                                   lambda: split_indices(pool_labels, n_train, n_val, n_classes, seed))
+                                   lambda: split_indices(pool_labels, n_train, n_val, n_classes, seed)[:2])
     test_rows = _subset(f"test split of {n_test} images", found["test"].labels,
                         lambda: balanced_subset(found["test"].labels, n_test, n_classes, seed + 2))
     # The file's train rows in a seeded random order, not by wnid: a streamed epoch shuffles whole
@@ -565,7 +587,8 @@ def prepare(dataset_cfg: Mapping, seed: int, output: str | Path, *, workers: int
         spec = SyntheticSpec(**dataset_cfg["synthetic"])
         splits = {}
         sizes = (("train", n_train or SYNTHETIC_FULL_SIZE["train"], 1),
-                 ("test", n_test or SYNTHETIC_FULL_SIZE["test"], 2), ("val", n_val, 3))
+                 ("test", n_test or SYNTHETIC_FULL_SIZE["test"], 2), ("val", n_val, 3),
+                 ("extra_train", dataset_cfg.get("n_extra_train", 0), 4))
         for split, n, split_seed in sizes:
             if n:
                 images, labels = make_synthetic(spec, n, seed, split_seed)
@@ -573,14 +596,17 @@ def prepare(dataset_cfg: Mapping, seed: int, output: str | Path, *, workers: int
         classes = [f"class{c}" for c in range(spec.n_classes)]
         description = f"synthetic planted features {asdict(spec)}"
     elif source == "cifar10":
-        splits, classes = load_cifar10(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val)
+        splits, classes = load_cifar10(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val,
+                                       n_extra_train=dataset_cfg.get("n_extra_train", 0))
         description = f"torchvision CIFAR10 from {dataset_cfg['root']}"
     else:  # imagefolder
-        splits, classes = load_imagefolder(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val)
+        splits, classes = load_imagefolder(dataset_cfg["root"], n_train, n_test, seed, n_val=n_val,
+                                           n_extra_train=dataset_cfg.get("n_extra_train", 0))
         description = f"ImageFolder {Path(dataset_cfg['root']).resolve()}"
     mean, std = channel_stats(splits["train"]["images"])
-    log.info("%s: %d train / %d val / %d test images, %d classes", description, len(splits["train"]["labels"]),
-             len(splits["val"]["labels"]) if "val" in splits else 0, len(splits["test"]["labels"]), len(classes))
+    log.info("%s: %d train / %d val / %d test / %d extra_train (sources only) images, %d classes", description,
+             *(len(splits[name]["labels"]) if name in splits else 0 for name in ("train", "val", "test", "extra_train")),
+             len(classes))
     return hdf5.write_artifact(output, kind="data", splits=splits, class_names=classes,
                                config=dict(dataset_cfg), seed=seed, source=description,
                                extra_attrs={"mean": mean, "std": std})

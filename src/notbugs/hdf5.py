@@ -14,7 +14,8 @@ Layout (format version 1), readable with nothing but h5py::
                             for Restricted ImageNet data: imagenet_index (the image's ImageNet-1k
                             class index, its position in the sorted list of the 1000 wnids)
 
-``kind`` is "data" (splits ``train`` and ``test``, and ``val`` if held out), "constructed" (split ``train``) or
+``kind`` is "data" (splits ``train`` and ``test``, ``val`` if held out, and ``extra_train``: images only
+sources train on, if asked for), "constructed" (split ``train``) or
 "evaluation" (split ``test``, no images: per-example predictions of one model on the data's
 test split, with columns clean_pred and, per attack radius ε, robust_pred_eps<ε> and
 adv_norm_eps<ε>).
@@ -47,7 +48,7 @@ from notbugs.runtime import atomic_write, partial_path
 FORMAT = "notbugs"
 FORMAT_VERSION = 1
 KINDS = {"data": ("train", "test"), "constructed": ("train",), "evaluation": ("test",)}
-OPTIONAL_SPLITS = {"data": ("val",)}  # checked like the others when present
+OPTIONAL_SPLITS = {"data": ("val", "extra_train")}  # checked like the others when present
 IMAGELESS_KINDS = ("evaluation",)
 IMAGE_DTYPES = (np.dtype("uint8"), np.dtype("float32"))
 ROWS_PER_CHUNK = 256

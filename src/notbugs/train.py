@@ -429,26 +429,31 @@ def run_job(job: Mapping, device: torch.device) -> None:
         mean, std, class_names = data.attrs["mean"], data.attrs["std"], data.class_names
         val = (data.split("val").images, data.split("val").labels) if "val" in data.splits else None
         split = train_set.split("train")
-        images = split.images
+        images, labels = split.images, split.labels
+        provenance = {"rule": job["rule"], "train_set": str(job["train_set"])}
+        if job.get("use_extra_train"):
+            extra = data.split("extra_train")
+            images, labels = np.concatenate([images[:], extra.images[:]]), np.concatenate([labels, extra.labels])
+            provenance["extra_train_rows"] = len(extra)
         for out_dir, seed in zip(job["out_dirs"], job["seeds"]):
             # Resume state is kept until every replicate of the job is done: if the job is killed,
             # Snakemake deletes its finished outputs too, and the rerun restores them from it.
-            train(images, split.labels, arch=job["arch"], num_classes=len(class_names), mean=mean, std=std,
+            train(images, labels, arch=job["arch"], num_classes=len(class_names), mean=mean, std=std,
                   cfg=job["train"], seed=seed, out_dir=out_dir, device=device,
-                  checkpoint_config={"rule": job["rule"], "train_set": str(job["train_set"])}, val=val,
-                  val_cfg=job["validation"], keep_resume_state=True)
+                  checkpoint_config=provenance, val=val, val_cfg=job["validation"], keep_resume_state=True)
     if world()[0] == 0:
         for out_dir in job["out_dirs"]:
             shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
 
 
 def job_spec(*, rule: str, data: str, train_set: str, arch: str, train_cfg: Mapping, seeds, out_dirs,
-             validation: Mapping, device: str, threads: int) -> dict:
+             validation: Mapping, device: str, threads: int, use_extra_train: bool = False) -> dict:
     """Everything a training job needs, as plain JSON-able values (a distributed launch passes it
-    to every rank in a file)."""
+    to every rank in a file). ``use_extra_train``: add the data's extra_train split to the training set."""
     return dict(rule=rule, data=str(data), train_set=str(train_set), arch=arch, train=dict(train_cfg),
                 seeds=[int(s) for s in seeds], out_dirs=[str(d) for d in out_dirs],
-                validation=dict(validation), device=device, threads=int(threads))
+                validation=dict(validation), device=device, threads=int(threads),
+                use_extra_train=bool(use_extra_train))
 
 
 def launch_distributed(job: Mapping, log_path: str | os.PathLike) -> None:

@@ -92,6 +92,13 @@ AUTOATTACK = config["evaluation"]["figure2_autoattack"]
 AUTOATTACK_DIRS = figure2_model_dirs() if AUTOATTACK else []
 
 
+def source_train_params(config, source):
+    """A source's training settings, with use_extra_train added only when it is on: a run made
+    before the option existed keeps the same params, so it is not invalidated."""
+    settings = config["sources"][source]
+    return {**settings["train"], **({"use_extra_train": True} if settings["use_extra_train"] else {})}
+
+
 def training_set_file(wildcards):
     if wildcards.train_set == ORIGINAL_SET:
         return f"{RESULTS}/data.h5"

@@ -2,7 +2,8 @@ rule prepare_data:
     output:
         f"{RESULTS}/data.h5",
     params:
-        dataset=config["dataset"],
+        # the extra_train default left out, so runs made before it existed are not invalidated
+        dataset={k: v for k, v in config["dataset"].items() if k != "n_extra_train" or v},
         seed=config["seed"],
     log:
         f"{LOGS}/prepare_data.log",

@@ -6,7 +6,7 @@ rule train_source:
         logs=[f"{RESULTS}/sources/{{source}}/train_log.csv"],
     params:
         arch=lambda wc: config["sources"][wc.source]["arch"],
-        train=lambda wc: config["sources"][wc.source]["train"],
+        train=lambda wc: source_train_params(config, wc.source),
         seeds=lambda wc: [source_seed(config, wc.source)],
         validation=config["validation"],
         device=config["device"],
