@@ -302,6 +302,16 @@ def test_a_blend_must_copy_an_inversion_from_images(config):
     assert "constructions.d_r_blend.twin_of" in _error(config)
 
 
+def test_a_jpeg_set_must_code_another_construction(config):
+    config["constructions"]["d_det_jpeg"] = {"method": "jpeg", "twin_of": "d_det"}
+    config["targets"]["train_sets"].append("d_det_jpeg")
+    from notbugs.config import validate_config
+    assert validate_config(config)["constructions"]["d_det_jpeg"]["quality"] == 75
+    for twin in ("d_missing", "d_det_jpeg"):
+        config["constructions"]["d_det_jpeg"]["twin_of"] = twin
+        assert "constructions.d_det_jpeg.twin_of" in _error(config)
+
+
 # --------------------------------------------------------------------------- checks before any job runs
 
 def test_an_architecture_typo_is_named_at_parse_time(config):

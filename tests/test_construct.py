@@ -277,6 +277,56 @@ def test_blend_refuses_an_inversion_from_noise(tmp_path):
         _run(blend, _images(2), _labels(2))
 
 
+def _constructed_file(path, images, labels, rows):
+    from notbugs import hdf5
+    hdf5.write_artifact(path, kind="constructed", class_names=[str(c) for c in range(N_CLASSES)], config={}, seed=0,
+                        source="test", splits={"train": {"images": images, "labels": labels, "orig_index": rows}})
+    return path
+
+
+def _smooth_images(n, seed=0):
+    """Natural-looking images: random low-resolution colours, upsampled."""
+    small = torch.rand((n, 3, 4, 4), generator=torch.Generator().manual_seed(seed)) * 0.6 + 0.2
+    return torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
+
+
+def test_jpeg_codes_its_twins_images_in_its_rows_and_labels(tmp_path):
+    images, labels = _smooth_images(8), _labels(8)
+    rows = np.array([6, 1, 4, 3], dtype=np.int64)
+    twin_labels = np.array([7, 2, 9, 0], dtype=np.int64)
+    perturbed = (images[rows] + 0.02 * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    twin = _constructed_file(tmp_path / "d_det.h5", perturbed.numpy(), twin_labels, rows)
+    method = construct.JpegCoded(construction_config(method="jpeg", twin_of="d_det"), seed=0, twin=twin)
+    got_rows, got_targets, built = _run(method, images, labels)
+    np.testing.assert_array_equal(got_rows, rows)
+    np.testing.assert_array_equal(got_targets[got_rows], twin_labels)
+    coded = built.images
+    torch.testing.assert_close(coded * 255, (coded * 255).round(), atol=1e-4, rtol=0)  # decoded 8-bit pixels
+    # each row is its own twin image coded (the rows are not in train order)
+    torch.testing.assert_close(coded, torch.from_numpy(construct.jpeg_code(perturbed.numpy(), 75, "4:2:0")))
+    moved = (coded - perturbed).flatten(1).norm(dim=1)
+    assert (moved > 0.1).all()
+    torch.testing.assert_close(built.loss, moved)
+    torch.testing.assert_close(built.perturbation_norm, (coded - images[rows]).flatten(1).norm(dim=1))
+
+
+def test_jpeg_coding_removes_fine_patterns_and_keeps_coarse_ones():
+    gray = np.full((1, 3, 32, 32), 0.5, dtype=np.float32)
+    yy, xx = np.mgrid[0:32, 0:32]
+    fine = np.where((yy + xx) % 2 == 0, 1.0, -1.0)[None, None].repeat(3, 1)  # a one-pixel checkerboard
+    coarse = np.cos(2 * np.pi * xx / 32)[None, None].repeat(3, 1)              # one cycle across the image
+
+    def kept(pattern, quality):
+        delta = (pattern / np.linalg.norm(pattern) * 0.5).astype(np.float32)  # norm 0.5, the PGD sets' eps
+        coded = construct.jpeg_code(gray + delta, quality, "4:2:0") - construct.jpeg_code(gray, quality, "4:2:0")
+        return float((coded * delta).sum() / (delta * delta).sum())  # share of the pattern left
+
+    assert kept(fine, 75) < 0.2 < 0.8 < kept(coarse, 75)
+    assert kept(fine, 75) < kept(fine, 95)
+    with pytest.raises(ValueError, match="RGB"):
+        construct.jpeg_code(np.zeros((2, 1, 8, 8), np.float32), 75, "4:2:0")
+
+
 def test_inversion_switches_its_source_to_a_straight_through_relu():
     from notbugs.models import FinalReLU
     model = _model()
@@ -436,3 +486,29 @@ def test_a_bfloat16_construction_attacks_in_bfloat16_and_stays_inside_the_ball(t
         assert bf16.split("train")["perturbation_norm"][:].max() <= 0.5 + 1e-5
         assert not np.array_equal(images, f32.split("train").images[:]), "bf16 autocast was not applied"
         assert abs(bf16.attrs["success_rate"] - f32.attrs["success_rate"]) <= 0.1
+
+
+@pytest.mark.parametrize("flags, expected", [(set(), "float32"), ({"avx512_bf16"}, "bfloat16")])
+def test_an_auto_precision_construction_records_the_precision_it_attacked_in(tmp_path, monkeypatch, flags, expected):
+    from notbugs import hdf5, runtime
+    monkeypatch.setattr(runtime, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": flags)
+    data_path, source = _keep_reached_setup(tmp_path)
+    with hdf5.open_artifact(_build(tmp_path, data_path, source, "d_rand", "all", precision="auto", steps=2)) as f:
+        assert f.attrs["precision"] == expected
+
+
+def test_a_jpeg_set_is_built_from_its_twin_file_with_the_twins_rows(tmp_path):
+    from notbugs import hdf5
+    from notbugs.config import complete
+    data_path, source = _keep_reached_setup(tmp_path)
+    pgd = _build(tmp_path, data_path, source, "d_rand", "reached", steps=5)
+    cfg = complete("constructions.d_rand_jpeg", {"method": "jpeg", "twin_of": "d_rand", "quality": 50})
+    coded = construct.construct("d_rand_jpeg", cfg, data_path=data_path, source_checkpoint=None,
+                                output=tmp_path / "d_rand_jpeg.h5", seed=0, device=torch.device("cpu"), chunk_size=64,
+                                fast=complete("fast_paths"), twin=pgd)
+    with hdf5.open_artifact(pgd) as twin, hdf5.open_artifact(coded) as f:
+        for column in ("orig_index", "labels", "orig_label"):
+            np.testing.assert_array_equal(f.split("train")[column][:], twin.split("train")[column][:])
+        np.testing.assert_array_equal(f.split("train").images[:],
+                                      construct.jpeg_code(twin.split("train").images[:], 50, "4:2:0"))
+        assert f.attrs["method"] == "jpeg" and f.attrs["twin"] == str(pgd) and np.isnan(f.attrs["success_rate"])

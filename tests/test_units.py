@@ -139,3 +139,43 @@ def test_targets_are_fresh_models():
             assert not torch.equal(weights[a], weights[b]), (a, b)
             assert not torch.equal(first_batch[a], first_batch[b]), (a, b)
     assert target_seed(0, "d_det", "small_cnn", 1) == seeds["r1"]  # stable, so a rerun is the same model
+
+
+# --------------------------------------------------------------------------- precision: auto
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from notbugs.runtime import cpu_flags
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16\n\n"
+                                      "processor\t: 1\nflags\t\t: fpu avx2 amx_bf16\n")
+    assert cpu_flags(tmp_path / "cpuinfo") == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "fma"}, "float32"), ({"avx2", "avx512_bf16"}, "bfloat16"),
+                                             ({"amx_bf16", "amx_tile"}, "bfloat16"), (set(), "float32")])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_computes_in_it(flags, expected):
+    from notbugs.runtime import resolve_precision
+    assert resolve_precision("auto", "cpu", flags) == expected
+    assert resolve_precision("float32", "cpu", flags) == "float32"
+
+
+def test_an_explicit_bfloat16_without_native_support_is_kept_with_a_warning(caplog):
+    from notbugs.runtime import resolve_precision
+    with caplog.at_level("WARNING"):
+        assert resolve_precision("bfloat16", "cpu", {"avx2"}) == "bfloat16"
+    assert "no native bfloat16" in caplog.text and "precision: auto" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_precision("bfloat16", "cpu", {"avx512_bf16"}) == "bfloat16"
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("flags, expected", [(set(), "float32"), ({"amx_bf16"}, "bfloat16")])
+def test_a_model_trained_with_auto_precision_records_the_one_it_used(tmp_path, monkeypatch, flags, expected):
+    from helpers import make_data_artifact, train_tiny_model
+    from notbugs import runtime
+    from notbugs.models import read_checkpoint
+    monkeypatch.setattr(runtime, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": flags)
+    data = make_data_artifact(tmp_path / "data.h5", n_train=256, n_test=64)
+    checkpoint = train_tiny_model(data, tmp_path / "model", epochs=1, precision="auto")
+    assert read_checkpoint(checkpoint)["config"]["train"]["precision"] == expected

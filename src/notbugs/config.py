@@ -356,6 +356,11 @@ def check_references(config: Mapping) -> None:
                 raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not an inversion that "
                                   f"starts from images (constructions: {sorted(constructions)})")
             continue
+        if cons["method"] == "jpeg":
+            if twin not in constructions or twin == name:
+                raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not another "
+                                  f"construction (constructions: {sorted(constructions)})")
+            continue
         if twin not in constructions or constructions[twin]["method"] not in TARGETED_ATTACK_METHODS:
             raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not a targeted-attack "
                               f"construction (constructions: {sorted(constructions)})")

@@ -15,11 +15,14 @@ Methods (docs/paper-notes.md §2 and §6):
 - ``leakage`` (control, no model).
 - ``nontransferable`` (Nakkiran's rebuttal).
 - ``relabel`` (Wallace's rebuttal).
+- ``jpeg`` (another set's images coded as JPEG and decoded: how much of what a set teaches
+  survives the coding that made the CIFAR-10 copy this project is measured on).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,12 +32,13 @@ from typing import Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from notbugs import attacks, hdf5
 from notbugs.batches import predict, read_rows, to_float
 from notbugs.models import attacked_model, accelerate, file_sha256, load_model, straight_through_last_relu
-from notbugs.runtime import partial_path
+from notbugs.runtime import partial_path, resolve_precision
 from notbugs.sampling import choose_targets, chunk_generator, derangement
 
 log = logging.getLogger(__name__)
@@ -272,8 +276,57 @@ class Relabel(Method):
                      torch.ones(n, dtype=torch.bool, device=chunk.x.device))
 
 
+JPEG_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}  # PIL's codes
+
+
+def jpeg_code(images: np.ndarray, quality: int, subsampling: str) -> np.ndarray:
+    """Float RGB images (N, 3, H, W) in [0, 1], rounded to 8 bits, coded as JPEG with PIL
+    (libjpeg's quantisation tables scaled to ``quality``) and decoded back to floats."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"JPEG coding needs RGB images (N, 3, H, W), got shape {images.shape}")
+    out = np.empty(images.shape, dtype=np.float32)
+    for i, image in enumerate(images):
+        pixels = np.clip(np.rint(image.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality,
+                                     subsampling=JPEG_SUBSAMPLING[subsampling])
+        buffer.seek(0)
+        out[i] = np.asarray(Image.open(buffer).convert("RGB")).transpose(2, 0, 1) / 255.0
+    return out
+
+
+class JpegCoded(Method):
+    """The rows, labels and images of another constructed set (``twin_of``), each image coded
+    as JPEG at ``quality`` and decoded. Trained beside the set itself, it measures how much of
+    what the set teaches survives the coding. ``perturbation_norm`` is the coded image's
+    distance from the original x; ``loss`` is how far the coding moved the set's image."""
+
+    name = "jpeg"
+    needs_source = False
+    has_success_rate = False
+
+    def plan(self, images, labels, n_classes, rng, batch_size, device):
+        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
+            split = twin.split("train")
+            rows = split["orig_index"][:]
+            targets = np.full(len(labels), -1, dtype=np.int64)  # indexed by train row, as every plan's
+            targets[rows] = split.labels
+        self.position = np.full(len(labels), -1, dtype=np.int64)  # train row -> row of the twin file
+        self.position[rows] = np.arange(len(rows))
+        return rows, targets
+
+    def build(self, chunk: Chunk) -> Built:
+        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
+            original = read_rows(twin.split("train").images, self.position[chunk.rows]).astype(np.float32)
+        coded = torch.from_numpy(jpeg_code(original, self.cfg["quality"], self.cfg["subsampling"])).to(chunk.x.device)
+        moved = (coded - torch.from_numpy(original).to(coded.device)).flatten(1).norm(dim=1)
+        n = len(chunk.rows)
+        return Built(coded, moved, (coded - chunk.x).flatten(1).norm(dim=1),
+                     torch.zeros(n, dtype=torch.bool, device=coded.device))
+
+
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, NonTransferablePGD, Leakage, Relabel,
-                                                         PixelBlend)}
+                                                         PixelBlend, JpegCoded)}
 
 
 def _classify_rows(checkpoint, writer: hdf5.ChunkedWriter, batch_size: int, device: torch.device,
@@ -333,7 +386,8 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
     if bool(cfg.get("drop_read_as_target_by")) != (drop_checkpoint is not None):
         raise ValueError(f"construction {name}: drop_read_as_target_by is {cfg.get('drop_read_as_target_by')!r} "
                          f"but the model checkpoint given to judge the rows is {drop_checkpoint!r}")
-    attack_fast = {**fast, "bf16_autocast": fast["bf16_autocast"] or cfg.get("precision") == "bfloat16"}
+    precision = resolve_precision(cfg.get("precision", "float32"), device) if source_checkpoint is not None else "float32"
+    attack_fast = {**fast, "bf16_autocast": fast["bf16_autocast"] or precision == "bfloat16"}
     ensemble, source_sha = [], None
     if source_checkpoint is not None:
         source_sha = file_sha256(source_checkpoint)

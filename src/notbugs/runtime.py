@@ -35,6 +35,41 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 arithmetic
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no such file)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def native_bf16(device, flags: set[str] | None = None) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU
+    with AMX or AVX-512 BF16. Elsewhere torch emulates bfloat16, and on an AVX2-only CPU autocast
+    made training 16x slower than float32 (docs/performance.md)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool((cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS))
+
+
+def resolve_precision(precision: str, device, flags: set[str] | None = None) -> str:
+    """``auto`` is bfloat16 where ``device`` has it natively, else float32. An explicit bfloat16
+    on a device without it is kept (the results are the same, only slower), with a warning."""
+    if precision == "auto":
+        return "bfloat16" if native_bf16(device, flags) else "float32"
+    if precision == "bfloat16" and not native_bf16(device, flags):
+        logging.getLogger(__name__).warning(
+            "precision bfloat16 on %s, which has no native bfloat16 (no AMX or AVX-512 BF16): torch emulates it, "
+            "many times slower than float32; precision: auto would choose float32 here", device)
+    return precision
+
+
 def start_job(log_path: str | Path | None, threads: int = 1, device: str = "auto", prefix: str = ""):
     """:func:`start_logging`, then use ``threads`` CPU threads and return the torch device."""
     import torch

@@ -44,7 +44,7 @@ from notbugs import attacks
 from notbugs.batches import classes, to_float
 from notbugs.hdf5 import ROWS_PER_CHUNK
 from notbugs.models import build_model, save_checkpoint
-from notbugs.runtime import atomic_write
+from notbugs.runtime import atomic_write, resolve_precision
 from notbugs.sampling import derived_seed, epoch_generator
 
 log = logging.getLogger("notbugs.train")  # also when run as a torchrun rank (__main__)
@@ -281,6 +281,7 @@ def train(images, labels: np.ndarray, *, arch: str, num_classes: int, mean, std,
     this; only rank 0 writes. Returns a summary dict."""
     out_dir = Path(out_dir)
     resume_path = out_dir / "checkpoints" / "last.pt"
+    cfg = {**cfg, "precision": resolve_precision(cfg["precision"], device)}  # the checkpoint records which
     rank, n_ranks = world()
     fp = fingerprint({**cfg, "arch": arch, "ranks": n_ranks}, seed, len(labels))
 
