@@ -307,7 +307,9 @@ def test_a_jpeg_set_must_code_another_construction(config):
     config["targets"]["train_sets"].append("d_det_jpeg")
     from notbugs.config import validate_config
     assert validate_config(config)["constructions"]["d_det_jpeg"]["quality"] == 75
-    for twin in ("d_missing", "d_det_jpeg"):
+    config["constructions"]["d_det_jpeg_again"] = {"method": "jpeg", "twin_of": "d_det_jpeg"}
+    validate_config(config)  # a coded set may be coded again
+    for twin in ("d_missing", "d_det_jpeg", "d_det_jpeg_again"):  # nothing, itself, a cycle
         config["constructions"]["d_det_jpeg"]["twin_of"] = twin
         assert "constructions.d_det_jpeg.twin_of" in _error(config)
 

@@ -306,6 +306,12 @@ def test_jpeg_codes_its_twins_images_in_its_rows_and_labels(tmp_path):
     torch.testing.assert_close(coded, torch.from_numpy(construct.jpeg_code(perturbed.numpy(), 75, "4:2:0")))
     moved = (coded - perturbed).flatten(1).norm(dim=1)
     assert (moved > 0.1).all()
+    # a later chunk, its rows in another order: each row still gets its own twin image
+    pick = np.array([2, 0])
+    later = method.build(construct.Chunk(x=images[rows[pick]], labels=torch.from_numpy(labels[rows[pick]]),
+                                         targets=torch.from_numpy(twin_labels[pick]), rows=rows[pick],
+                                         generator=chunk_generator(0, 2), read_images=lambda index: images[index]))
+    torch.testing.assert_close(later.images, coded[pick])
     torch.testing.assert_close(built.loss, moved)
     torch.testing.assert_close(built.perturbation_norm, (coded - images[rows]).flatten(1).norm(dim=1))
 

@@ -179,3 +179,12 @@ def test_a_model_trained_with_auto_precision_records_the_one_it_used(tmp_path, m
     data = make_data_artifact(tmp_path / "data.h5", n_train=256, n_test=64)
     checkpoint = train_tiny_model(data, tmp_path / "model", epochs=1, precision="auto")
     assert read_checkpoint(checkpoint)["config"]["train"]["precision"] == expected
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "float32"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
+def test_auto_precision_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, expected):
+    """is_bf16_supported() says yes on pre-Ampere GPUs too (emulation); auto must not."""
+    from notbugs.runtime import resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", "cuda:0", {"amx_bf16"} if expected == "float32" else set()) == expected

@@ -357,9 +357,14 @@ def check_references(config: Mapping) -> None:
                                   f"starts from images (constructions: {sorted(constructions)})")
             continue
         if cons["method"] == "jpeg":
-            if twin not in constructions or twin == name:
-                raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not another "
-                                  f"construction (constructions: {sorted(constructions)})")
+            chain = [name]
+            while twin in constructions and twin not in chain and constructions[twin]["method"] == "jpeg":
+                chain.append(twin)
+                twin = constructions[twin]["twin_of"]
+            if twin not in constructions or twin in chain:
+                raise ConfigError(f"config key 'constructions.{name}.twin_of': {cons['twin_of']!r} does not lead "
+                                  f"to another construction ({' -> '.join(chain + [twin])}; constructions: "
+                                  f"{sorted(constructions)})")
             continue
         if twin not in constructions or constructions[twin]["method"] not in TARGETED_ATTACK_METHODS:
             raise ConfigError(f"config key 'constructions.{name}.twin_of': {twin!r} is not a targeted-attack "

@@ -411,7 +411,7 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         def read_images(index: np.ndarray) -> torch.Tensor:
             return to_float(torch.from_numpy(read_rows(train.images, index))).to(device)
 
-        fingerprint = json.dumps({"cfg": cfg, "seed": seed, "chunk": chunk_size, "source": source_sha,
+        fingerprint = json.dumps({"cfg": {**cfg, "precision": precision}, "seed": seed, "chunk": chunk_size, "source": source_sha,
                                   "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
                                   "twin": file_sha256(twin) if twin else None,
                                   "data": file_sha256(data_path)}, sort_keys=True)

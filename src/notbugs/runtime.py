@@ -50,11 +50,12 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
 def native_bf16(device, flags: set[str] | None = None) -> bool:
     """Whether ``device`` computes in bfloat16 natively: a CUDA GPU that supports it, or a CPU
     with AMX or AVX-512 BF16. Elsewhere torch emulates bfloat16, and on an AVX2-only CPU autocast
-    made training 16x slower than float32 (docs/performance.md)."""
+    made training 10-16x slower than float32 (docs/performance.md)."""
     import torch
 
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    device = torch.device(device)
+    if device.type == "cuda":  # is_bf16_supported() also counts emulation on pre-Ampere GPUs
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return bool((cpu_flags() if flags is None else flags) & set(CPU_BF16_FLAGS))
 
 

@@ -1,7 +1,7 @@
 """Print the README's two CIFAR-10 tables (models, then claims) from runs' tables directories.
 
-    python docs/results/cifar10-cpu/readme_tables.py docs/results/cifar10-cpu/session16-seed0 \
-        docs/results/cifar10-cpu/session16-seed1
+    python docs/results/cifar10-cpu/readme_tables.py docs/results/cifar10-cpu/session14-seed0 \
+        docs/results/cifar10-cpu/session14-seed1
 
 Each argument is one seed's copy of results/cifar10-cpu/tables/ (models.csv, figure2.csv,
 table1.csv, claims.csv); the columns follow the arguments' order.

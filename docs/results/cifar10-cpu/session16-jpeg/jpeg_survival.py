@@ -4,8 +4,9 @@
 
 The CIFAR-10 copy this project has is JPEG (quality 75, 4:2:0 chroma), so whatever such coding
 removes was missing from the images before any source was trained. This script asks how much of
-the signal that D_det is made of survives that coding. On the validation split it attacks the
-run's `standard` source with D_det's attack (targeted L2 PGD towards t = (y+1) mod 10, eps 0.5,
+the signal a D_det-style attack plants survives that coding. On the validation split it attacks
+the run's `standard` source alone (the preset's D_det attacks three at once and keeps the rows
+that reached t; this keeps every row) with D_det's settings (targeted L2 PGD towards t = (y+1) mod 10, eps 0.5,
 30 steps of 0.1, keeping the best iterate), codes x and the attacked x' with
 `notbugs.construct.jpeg_code` (PIL, quality 75, 4:2:0) and reports:
 
@@ -13,7 +14,7 @@ run's `standard` source with D_det's attack (targeted L2 PGD towards t = (y+1) m
   points the original way, <J(x') - J(x), x' - x> / ||x' - x||^2, beside the same two numbers
   for Gaussian noise of the same norm per image (a reference without structure);
 - how often the attacked source and an independently trained copy (`standard_2`, another seed,
-  which the attack never saw: transfer) read t on x' and on J(x').
+  which this attack never used: transfer) read t on x' and on J(x').
 
 It trains nothing: the run needs `sources/standard` and `sources/standard_2` and `data.h5`.
 """
