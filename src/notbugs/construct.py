@@ -193,6 +193,16 @@ class NonTransferablePGD(Method):
         return Built(res.x_adv, res.loss, res.perturbation_norm, res.success)
 
 
+def twin_rows_and_labels(twin_path, n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """A twin file's train rows, and its labels indexed by train row (-1 elsewhere), as a plan returns them."""
+    with hdf5.open_artifact(twin_path, kind="constructed") as twin:
+        split = twin.split("train")
+        rows = split["orig_index"][:]
+        targets = np.full(n_train, -1, dtype=np.int64)
+        targets[rows] = split.labels
+    return rows, targets
+
+
 def leakage_patterns(n_classes: int, shape: tuple[int, ...], eps: float, seed: int, kind: str) -> np.ndarray:
     """One fixed pattern per class, each of L2 norm ``eps``: i.i.d. Gaussian, or ``deconv``, a
     random 3×3 kernel per class applied as a stride-2 transposed convolution to an all-ones map
@@ -229,12 +239,7 @@ class Leakage(Method):
             leakage_patterns(n_classes, images.shape[1:], cfg["eps"], self.seed, cfg["pattern"])).to(device)
         if self.twin is None:
             return super().plan(images, labels, n_classes, rng, batch_size, device)
-        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
-            split = twin.split("train")
-            rows = split["orig_index"][:]
-            targets = np.full(len(labels), -1, dtype=np.int64)  # indexed by train row, as every plan's
-            targets[rows] = split.labels
-            return rows, targets
+        return twin_rows_and_labels(self.twin, len(labels))
 
     def unperturbed(self, chunk: Chunk) -> torch.Tensor:
         """The rows the mask leaves as they are."""
@@ -306,11 +311,7 @@ class JpegCoded(Method):
     has_success_rate = False
 
     def plan(self, images, labels, n_classes, rng, batch_size, device):
-        with hdf5.open_artifact(self.twin, kind="constructed") as twin:
-            split = twin.split("train")
-            rows = split["orig_index"][:]
-            targets = np.full(len(labels), -1, dtype=np.int64)  # indexed by train row, as every plan's
-            targets[rows] = split.labels
+        rows, targets = twin_rows_and_labels(self.twin, len(labels))
         self.position = np.full(len(labels), -1, dtype=np.int64)  # train row -> row of the twin file
         self.position[rows] = np.arange(len(rows))
         return rows, targets
