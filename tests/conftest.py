@@ -1,7 +1,6 @@
 """Fixtures shared by several test modules."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,23 @@ def default_run(tmp_path_factory):
     Snakemake's provenance records are copied in (modification times kept), and Snakemake then
     reruns whatever the copy lacks or what its rerun triggers (code, params, inputs) find stale,
     which for a run of the same checkout is nothing."""
-    from helpers import REPO
+    from helpers import REPO, copy_finished_run
     from test_workflow import snakemake
     workdir = tmp_path_factory.mktemp("default")
     finished = os.environ.get("NOTBUGS_FINISHED_DEFAULT_RUN")
     if finished:
-        for part in ("results", "logs", "benchmarks", ".snakemake/metadata"):
-            if (Path(finished) / part).exists():
-                shutil.copytree(Path(finished) / part, workdir / part)
+        copy_finished_run(Path(finished), workdir)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     snakemake(workdir, config)
     snakemake(workdir, config, "--report", str(workdir / "report.html"))
     return workdir, workdir / "results" / config["dataset"]["name"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny config's whole pipeline (test_workflow.tiny_config), run once per test session;
+    the tests that need a finished run start from a copy (helpers.copy_finished_run)."""
+    from test_workflow import snakemake, tiny_config
+    workdir = tmp_path_factory.mktemp("tiny")
+    snakemake(workdir, tiny_config())
+    return workdir

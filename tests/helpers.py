@@ -96,6 +96,16 @@ def make_imagenet_tree(root: Path, indices=KEPT + DROPPED, per_wnid=None, seed: 
     return files
 
 
+def copy_finished_run(finished: Path, workdir: Path) -> None:
+    """A finished run's results, logs, benchmarks and Snakemake's provenance records, copied into
+    ``workdir`` with their modification times, so that Snakemake there reruns only what the copy
+    lacks or what its rerun triggers (code, params, inputs) find stale."""
+    import shutil
+    for part in ("results", "logs", "benchmarks", ".snakemake/metadata"):
+        if (Path(finished) / part).exists():
+            shutil.copytree(Path(finished) / part, Path(workdir) / part, symlinks=True)
+
+
 def parse_dry_run(text: str) -> list[dict]:
     """One dict per job that ``snakemake -n`` planned: ``rule``, first ``output``, ``resources``,
     ``threads`` (Snakemake prints them only above 1)."""

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import DEFAULT_CONFIG, REPO, SNAKEFILE, SNAKEMAKE, parse_dry_run
+from helpers import DEFAULT_CONFIG, REPO, SNAKEFILE, SNAKEMAKE, copy_finished_run, parse_dry_run
 PLOT_RULES = {"plot_figure2", "plot_table1", "plot_training_curves", "plot_grid", "plot_summary_page"}
 
 
@@ -123,9 +123,9 @@ def test_invalid_config_stops_and_names_the_key(tmp_path, edit, key):
 
 
 @pytest.mark.slow
-def test_rerun_semantics(tmp_path):
+def test_rerun_semantics(tmp_path, tiny_run):
     config = tiny_config()
-    snakemake(tmp_path, config)
+    copy_finished_run(tiny_run, tmp_path)
     assert planned_jobs(tmp_path, config) == []
 
     lr_changed = copy.deepcopy(config)
@@ -183,7 +183,8 @@ def test_a_second_concurrent_run_is_refused_and_the_first_completes(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_study_runs_in_the_pipeline_and_reaches_the_report(tmp_path):
+def test_every_study_runs_in_the_pipeline_and_reaches_the_report(tmp_path, tiny_run):
+    copy_finished_run(tiny_run, tmp_path)  # the studies reuse its sources, sets and targets
     config = tiny_config()
     config["studies"] = yaml.safe_load((REPO / "configs/studies.yaml").read_text())["studies"]
     config["studies"]["robust_leakage"]["linear_epochs"] = 2
