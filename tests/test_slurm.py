@@ -1,12 +1,12 @@
 """A real cluster run: profiles/slurm on a one-node SLURM (Debian's slurm-wlm; CI starts it with
 .ci/start-slurm), with the profile adapted to the cluster exactly as docs/cluster.md tells users to.
 
-It reruns a slice of the default pipeline (config.yaml) through SLURM: a copy of the local default
-run (the session fixture ``default_run``) loses the leakage twins' clean source, so Snakemake
-submits every job that depends on it, one or more of each stage's rules from training to the
-figures, and the tables must come out as the local run's. (The whole default pipeline through
-SLURM took 10.5 minutes of a CI run whose budget is 35; the slice exercises the same profile,
-resources and submission path.)
+It reruns a slice of a finished pipeline through SLURM: a copy of the tiny run (the default
+config's DAG at toy sizes, the session fixture ``tiny_run``) loses the leakage twins' clean
+source, so Snakemake submits every job that depends on it, one or more of each stage's rules from
+training to the figures, and the tables must come out as the local run's. (The whole default
+pipeline through SLURM took 10.5 minutes of a CI run whose budget is 35; the slice exercises the
+same profile, resources and submission path.)
 
 Skipped, with the reason, where no SLURM controller answers; CI sets NOTBUGS_REQUIRE_SLURM=1 so
 that there it fails instead.
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from helpers import REPO, copy_finished_run
-from test_workflow import snakemake
+from test_workflow import snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +65,12 @@ REMOVED = "sources/brief_clean"
 STAGE_RULES = {"train_source", "evaluate_source", "construct", "train_target", "evaluate_target", "tables"}
 
 
-def test_a_slice_of_the_default_pipeline_reruns_through_slurm_and_matches_the_local_run(tmp_path, default_run):
+def test_a_slice_of_the_pipeline_reruns_through_slurm_and_matches_the_local_run(tmp_path, tiny_run):
     partition = _slurm_partition()
-    local_workdir, local_results = default_run
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = tiny_config()
+    local_results = tiny_run / "results" / config["dataset"]["name"]
     cluster = tmp_path / "cluster"  # SLURM jobs run on this machine's node, so tmp is shared
-    copy_finished_run(local_workdir, cluster)
+    copy_finished_run(tiny_run, cluster)
     results = cluster / "results" / config["dataset"]["name"]
     shutil.rmtree(results / REMOVED)
     for table in results.glob("tables/*.csv"):

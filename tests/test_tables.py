@@ -105,8 +105,8 @@ def test_figure2_autoattack_runs_on_a_balanced_subset_of_the_test_images(tmp_pat
     import torch
 
     from helpers import make_data_artifact, train_tiny_model
-    from notbugs.config import complete
-    from notbugs.evaluate import autoattack_config, evaluate_checkpoint
+    from notbugs.config import autoattack_config, complete
+    from notbugs.evaluate import evaluate_checkpoint
     from notbugs.tables import autoattack_columns, correct_per_example, test_rows
     data_path = make_data_artifact(tmp_path / "data.h5", n_train=300, n_test=100)
     model = train_tiny_model(data_path, tmp_path / "m", epochs=3)

@@ -441,3 +441,17 @@ def load_config(path: str | Path, schema_path: str | Path | None = None) -> dict
     """Read a YAML config file and validate it (for tools outside Snakemake)."""
     config = yaml.safe_load(Path(path).read_text()) or {}
     return validate_config(copy.deepcopy(config), schema_path)
+
+
+def autoattack_config(eval_cfg: Mapping, eps: float) -> dict:
+    """The evaluation config of the Figure 2 AutoAttack check (``evaluation.figure2_autoattack``):
+    only what AutoAttack uses, so that changing PGD's settings does not rerun it."""
+    check = eval_cfg["figure2_autoattack"]
+    return {"attack": "autoattack", "autoattack_version": check["version"], "norm": eval_cfg["norm"], "eps": [eps],
+            "n_test": check["n_test"], "batch_size": eval_cfg["batch_size"]}
+
+
+def pgd_config(eval_cfg: Mapping) -> dict:
+    """The evaluation config of the PGD rules: without the AutoAttack check's settings, so that
+    changing those does not rerun every PGD evaluation."""
+    return {k: v for k, v in eval_cfg.items() if k != "figure2_autoattack"}

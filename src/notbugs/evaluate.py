@@ -99,20 +99,6 @@ def write_json(path: str | Path, payload: Mapping) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
 
 
-def autoattack_config(eval_cfg: Mapping, eps: float) -> dict:
-    """The evaluation config of the Figure 2 AutoAttack check (``evaluation.figure2_autoattack``):
-    only what AutoAttack uses, so that changing PGD's settings does not rerun it."""
-    check = eval_cfg["figure2_autoattack"]
-    return {"attack": "autoattack", "autoattack_version": check["version"], "norm": eval_cfg["norm"], "eps": [eps],
-            "n_test": check["n_test"], "batch_size": eval_cfg["batch_size"]}
-
-
-def pgd_config(eval_cfg: Mapping) -> dict:
-    """The evaluation config of the PGD rules: without the AutoAttack check's settings, so that
-    changing those does not rerun every PGD evaluation."""
-    return {k: v for k, v in eval_cfg.items() if k != "figure2_autoattack"}
-
-
 def evaluate_checkpoint(model_path: str | Path, data_path: str | Path, eval_cfg: Mapping,
                         output: str | Path, *, device: torch.device, seed: int, fast: Mapping,
                         predictions: str | Path | None = None) -> dict:

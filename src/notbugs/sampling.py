@@ -4,9 +4,12 @@ generators that make chunked jobs resume with the same random numbers they would
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TARGET_SCHEMES = ("random", "next", "other")
 
@@ -26,11 +29,13 @@ def target_seed(seed: int, train_set: str, arch: str, replicate: int) -> int:
 def chunk_generator(seed: int, offset: int) -> torch.Generator:
     """The generator for the chunk or batch starting at row ``offset``: one per chunk, not one
     stream for the whole set, so a job resumed at a chunk boundary draws the same numbers."""
+    import torch
     return torch.Generator().manual_seed(seed * 1_000_003 + offset)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one training epoch (shuffle, augmentation, attack starts)."""
+    import torch
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 

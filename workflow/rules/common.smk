@@ -4,11 +4,10 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, ConfigError,
-                            fresh_sources, nontransferable_set, rebuttal_sets, source_seed, target_train_config,
-                            validate_config)
-from notbugs.construct import METHODS
-from notbugs.evaluate import autoattack_config, pgd_config
+# Only torch-free modules: every Snakemake start (each dry run, each cluster job) parses this.
+from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, TARGETED_ATTACK_METHODS,
+                            ConfigError, autoattack_config, fresh_sources, nontransferable_set, pgd_config,
+                            rebuttal_sets, source_seed, target_train_config, validate_config)
 from notbugs.sampling import target_seed
 
 try:
@@ -115,7 +114,7 @@ def construction_inputs(wildcards):
         inputs["drop"] = f"{RESULTS}/sources/{construction['drop_read_as_target_by']}/model.pt"
     if "twin_of" in construction:
         inputs["twin"] = f"{RESULTS}/constructed/{construction['twin_of']}.h5"
-    if config["robust_leakage_check"] and METHODS[construction["method"]].targeted_attack:
+    if config["robust_leakage_check"] and construction["method"] in TARGETED_ATTACK_METHODS:
         inputs["check"] = f"{RESULTS}/sources/{config['robust_leakage_check']}/model.pt"
     return inputs
 
