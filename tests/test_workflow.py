@@ -59,7 +59,8 @@ def planned_jobs(workdir: Path, config: dict) -> list[tuple[str, str]]:
 
 def test_the_workflow_parses_without_importing_torch():
     """Every Snakemake start parses the workflow: each dry run, and on a cluster each job again.
-    Importing torch there cost 2 s of every start (a dry run of config.yaml: 4.6 s, 2.4 s without)."""
+    Importing torch there cost 2.7 s of every start (a dry run of config.yaml: 4.8 s, 2.1 s without;
+    docs/performance.md)."""
     import re
     import sys
     sources = [SNAKEFILE, *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
