@@ -449,6 +449,9 @@ def test_a_set_that_drops_rows_judges_the_rows_of_the_same_attack_instead_of_att
     """Given the finished set of the same attack (D_det for D_det without robust-t rows), the
     dropping set reads that set's rows instead of attacking: the same file, column for column and
     statistic for statistic, as when it attacks itself. A set made by another attack is not used."""
+    import shutil
+
+    import h5py
     from helpers import train_tiny_model
     from notbugs import hdf5
     data_path, source = _keep_reached_setup(tmp_path)
@@ -464,6 +467,7 @@ def test_a_set_that_drops_rows_judges_the_rows_of_the_same_attack_instead_of_att
     judged = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge, attacked=same_attack,
                     suffix="-judged")
     assert attacks_run == [], "the attack ran again although its rows were given"
+    assert [p.name for p in tmp_path.glob("*-judged.h5*")] == [judged.name]
     statistics = ("success_rate", "rows_attacked", "rows_kept", "rows_dropped_read_as_target", "mean_perturbation_norm",
                   "max_perturbation_norm", "unperturbed_rate", "label_equals_orig_rate", "robust_says_target_rate",
                   "robust_says_label_rate", "attack_fingerprint")
@@ -475,12 +479,18 @@ def test_a_set_that_drops_rows_judges_the_rows_of_the_same_attack_instead_of_att
         for column in a.split("train").columns:
             np.testing.assert_array_equal(a.split("train")[column][:], b.split("train")[column][:])
 
-    rebuilt = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge, attacked=other_attack,
-                     suffix="-rebuilt")
-    assert sum(attacks_run) == len(hdf5.load_split(data_path, "train")[1]), "another attack's rows were used"
-    with hdf5.open_artifact(attacked_itself) as a, hdf5.open_artifact(rebuilt) as b:
-        np.testing.assert_array_equal(a.split("train").images[:], b.split("train").images[:])
-        assert b.attrs["rows_judged_from"] == ""
+    unrecorded = tmp_path / "unrecorded.h5"  # made by code that did not record its attack
+    shutil.copy(same_attack, unrecorded)
+    with h5py.File(unrecorded, "a") as f:
+        del f.attrs["attack_fingerprint"]
+    n_train = len(hdf5.load_split(data_path, "train")[1])
+    for i, unusable in enumerate((other_attack, unrecorded)):
+        rebuilt = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge, attacked=unusable,
+                         suffix=f"-rebuilt{i}")
+        assert sum(attacks_run) == (i + 1) * n_train, f"the rows of {unusable.name} were used"
+        with hdf5.open_artifact(attacked_itself) as a, hdf5.open_artifact(rebuilt) as b:
+            np.testing.assert_array_equal(a.split("train").images[:], b.split("train").images[:])
+            assert b.attrs["rows_judged_from"] == ""
     with pytest.raises(ValueError, match="drop_read_as_target_by"):
         _build(tmp_path, data_path, source, "d_rand", keep, attacked=same_attack, suffix="-no-judge")
 

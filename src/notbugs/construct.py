@@ -450,20 +450,23 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         def read_images(index: np.ndarray) -> torch.Tensor:
             return to_float(torch.from_numpy(read_rows(train.images, index))).to(device)
 
+        inputs = {"seed": seed, "chunk": chunk_size, "source": source_sha,
+                  "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
+                  "twin": file_sha256(twin) if twin else None, "data": file_sha256(data_path)}
+
         def attack_fingerprint(settings: Mapping) -> str:
-            return json.dumps({"cfg": {**settings, "precision": precision}, "seed": seed, "chunk": chunk_size,
-                               "source": source_sha, "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
-                               "twin": file_sha256(twin) if twin else None,
-                               "data": file_sha256(data_path)}, sort_keys=True)
+            return json.dumps({"cfg": {**settings, "precision": precision}, **inputs}, sort_keys=True)
 
         fingerprint = attack_fingerprint(cfg)
         repeated = _AttackedRows.matching(attacked, attack_fingerprint(
             {k: v for k, v in cfg.items() if k != "drop_read_as_target_by"})) if attacked is not None else None
+        if repeated is not None and not np.array_equal(repeated.read_column("labels"), targets[repeated.orig_index]):
+            log.warning("%s records the same attack but other targets (code from another version?), so the "
+                        "attack runs again", attacked)
+            repeated.close()
+            repeated = None
         if repeated is not None:
             rows, n = repeated.orig_index, len(repeated.orig_index)
-            if not np.array_equal(repeated.read_column("labels"), targets[rows]):
-                repeated.close()
-                raise ValueError(f"construction {name}: {attacked} records the same attack but not its targets")
             log.info("%s: judging the %d rows of %s, made by the same attack, instead of attacking again",
                      name, n, attacked)
         columns = {**_columns(image_shape), **method.extra_columns}

@@ -114,7 +114,8 @@ def construction_inputs(wildcards):
         inputs["drop"] = f"{RESULTS}/sources/{construction['drop_read_as_target_by']}/model.pt"
     attacked = attack_repeated_by(config["constructions"], wildcards.name)
     if attacked:  # judge that set's rows instead of running the same attack again
-        inputs["attacked"] = f"{RESULTS}/constructed/{attacked}.h5"
+        # ancient: a rebuilt copy of the same rows does not make this set stale; its own inputs still do
+        inputs["attacked"] = ancient(f"{RESULTS}/constructed/{attacked}.h5")
     if "twin_of" in construction:
         inputs["twin"] = f"{RESULTS}/constructed/{construction['twin_of']}.h5"
     if config["robust_leakage_check"] and construction["method"] in TARGETED_ATTACK_METHODS:
