@@ -146,6 +146,17 @@ def test_a_pgd_set_drops_rows_read_as_t_only_by_an_existing_source(config):
     assert "constructions.d_r" in _error(config)
 
 
+def test_a_set_that_drops_rows_repeats_the_attack_of_the_set_with_every_other_setting_the_same(config):
+    from notbugs.config import attack_repeated_by
+    constructions = config["constructions"]
+    constructions["d_det_judged"] = {**constructions["d_det"], "drop_read_as_target_by": "robust"}
+    validate_config(config, SCHEMA)
+    assert attack_repeated_by(constructions, "d_det_judged") == "d_det"
+    assert attack_repeated_by(constructions, "d_det") is None  # it drops nothing
+    constructions["d_det_judged"]["steps"] += 1
+    assert attack_repeated_by(constructions, "d_det_judged") is None
+
+
 def test_a_source_seed_offset_follows_the_run_seed(config):
     from notbugs.config import source_seed
     config["seed"] = 7

@@ -350,18 +350,18 @@ def _keep_reached_setup(tmp_path):
 
 
 def _build(tmp_path, data_path, source, name, keep=None, twin=None, check=None, precision="float32", steps=5,
-           drop=None):
+           drop=None, attacked=None, suffix=""):
     from notbugs.config import complete
     extra = {"drop_read_as_target_by": "judge"} if drop else {}
     cfg = (complete(f"constructions.{name}", dict(method="leakage", twin_of="d_rand", mask="label")) if twin else
            complete(f"constructions.{name}", dict(method="pgd", source="standard", target="random", eps=0.5,
                                                    steps=steps, step_size=0.1, keep=keep, precision=precision,
                                                    **extra)))
-    suffix = "-drop" if drop else ""
+    suffix = ("-drop" if drop else "") + suffix
     return construct.construct(name, cfg, data_path=data_path, source_checkpoint=None if twin else source,
                                output=tmp_path / f"{name}-{keep or 'twin'}-{precision}{suffix}.h5", seed=0,
                                device=torch.device("cpu"), chunk_size=64, fast=complete("fast_paths"), twin=twin,
-                               check_checkpoint=check, drop_checkpoint=drop)
+                               check_checkpoint=check, drop_checkpoint=drop, attacked=attacked)
 
 
 def test_keep_reached_keeps_the_rows_whose_attack_reached_t_and_its_twin_copies_them(tmp_path):
@@ -441,6 +441,58 @@ def test_drop_read_as_target_by_leaves_out_the_rows_its_model_reads_as_t(tmp_pat
             method="pgd", source="standard", drop_read_as_target_by="judge")), data_path=data_path,
             source_checkpoint=source, output=tmp_path / "no-judge.h5", seed=0, device=torch.device("cpu"),
             chunk_size=64, fast=complete("fast_paths"))
+
+
+@pytest.mark.parametrize("keep", ["reached", "all"])
+def test_a_set_that_drops_rows_judges_the_rows_of_the_same_attack_instead_of_attacking_again(
+        tmp_path, keep, monkeypatch):
+    """Given the finished set of the same attack (D_det for D_det without robust-t rows), the
+    dropping set reads that set's rows instead of attacking: the same file, column for column and
+    statistic for statistic, as when it attacks itself. A set made by another attack is not used."""
+    import shutil
+
+    import h5py
+    from helpers import train_tiny_model
+    from notbugs import hdf5
+    data_path, source = _keep_reached_setup(tmp_path)
+    judge = train_tiny_model(data_path, tmp_path / "judge", epochs=2, seed=5)
+    attacked_itself = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge)
+    same_attack = _build(tmp_path, data_path, source, "d_rand", keep, check=judge)
+    other_attack = _build(tmp_path, data_path, source, "d_rand", keep, steps=2, suffix="-2steps")
+
+    attacks_run = []
+    real_build = construct.TargetedPGD.build
+    monkeypatch.setattr(construct.TargetedPGD, "build", lambda self, chunk: attacks_run.append(len(chunk.rows))
+                        or real_build(self, chunk))
+    judged = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge, attacked=same_attack,
+                    suffix="-judged")
+    assert attacks_run == [], "the attack ran again although its rows were given"
+    assert [p.name for p in tmp_path.glob("*-judged.h5*")] == [judged.name]
+    statistics = ("success_rate", "rows_attacked", "rows_kept", "rows_dropped_read_as_target", "mean_perturbation_norm",
+                  "max_perturbation_norm", "unperturbed_rate", "label_equals_orig_rate", "robust_says_target_rate",
+                  "robust_says_label_rate", "attack_fingerprint")
+    with hdf5.open_artifact(attacked_itself) as a, hdf5.open_artifact(judged) as b:
+        assert 0 < b.attrs["rows_dropped_read_as_target"] and 0 < b.attrs["rows_kept"]
+        assert b.attrs["rows_judged_from"] == str(same_attack) and a.attrs["rows_judged_from"] == ""
+        assert {k: a.attrs[k] for k in statistics} == {k: b.attrs[k] for k in statistics}
+        assert a.split("train").columns == b.split("train").columns
+        for column in a.split("train").columns:
+            np.testing.assert_array_equal(a.split("train")[column][:], b.split("train")[column][:])
+
+    unrecorded = tmp_path / "unrecorded.h5"  # made by code that did not record its attack
+    shutil.copy(same_attack, unrecorded)
+    with h5py.File(unrecorded, "a") as f:
+        del f.attrs["attack_fingerprint"]
+    n_train = len(hdf5.load_split(data_path, "train")[1])
+    for i, unusable in enumerate((other_attack, unrecorded)):
+        rebuilt = _build(tmp_path, data_path, source, "d_rand", keep, check=judge, drop=judge, attacked=unusable,
+                         suffix=f"-rebuilt{i}")
+        assert sum(attacks_run) == (i + 1) * n_train, f"the rows of {unusable.name} were used"
+        with hdf5.open_artifact(attacked_itself) as a, hdf5.open_artifact(rebuilt) as b:
+            np.testing.assert_array_equal(a.split("train").images[:], b.split("train").images[:])
+            assert b.attrs["rows_judged_from"] == ""
+    with pytest.raises(ValueError, match="drop_read_as_target_by"):
+        _build(tmp_path, data_path, source, "d_rand", keep, attacked=same_attack, suffix="-no-judge")
 
 
 def test_keep_reached_resumes_a_copy_that_was_interrupted(tmp_path, monkeypatch):

@@ -189,7 +189,8 @@ def test_dry_run_plans_every_stage(path, tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", PRESETS, ids=_id)
 def test_a_set_without_robust_leakage_waits_for_its_judge_and_its_twin_for_it(path, tmp_path, monkeypatch):
     """Every preset builds D_det without the rows its robust source reads as t: that job takes
-    the robust model as input, and the set's leakage twin takes the set."""
+    the robust model and D_det (the same attack, whose rows it judges) as input, and the set's
+    leakage twin takes the set."""
     (with_data_root(path, tmp_path) / "config.yaml").write_text(DEFAULT_CONFIG.read_text())
     monkeypatch.chdir(tmp_path)
     config = load_config(path, SCHEMA)
@@ -201,6 +202,7 @@ def test_a_set_without_robust_leakage_waits_for_its_judge_and_its_twin_for_it(pa
               if "output:" in b}
     judged = blocks[f"results/{name}/constructed/d_det_no_robust_t.h5"]
     assert f"results/{name}/sources/robust/model.pt" in re.search(r"input: (.*)", judged).group(1)
+    assert f"results/{name}/constructed/d_det.h5" in re.search(r"input: (.*)", judged).group(1)
     twin = blocks[f"results/{name}/constructed/d_leak_det_no_robust_t.h5"]
     assert f"results/{name}/constructed/d_det_no_robust_t.h5" in re.search(r"input: (.*)", twin).group(1)
 

@@ -351,6 +351,9 @@ def test_the_whole_pipeline_runs_on_a_tiny_imagenet_tree(tmp_path):
             assert not set(index.tolist()) & set(DROPPED)
     with hdf5.open_artifact(results / "constructed" / "d_rand.h5", kind="constructed") as art:
         assert art.split("train").images.dtype == np.float32
+    # D_det without robust-t rows judged D_det's rows: the workflow passed them, the attack ran once
+    with hdf5.open_artifact(results / "constructed" / "d_det_no_robust_t.h5", kind="constructed") as art:
+        assert art.attrs["rows_judged_from"] == "results/restricted_imagenet/constructed/d_det.h5"
     models = pd.read_csv(results / "tables" / "models.csv")
     assert len(models) == 3 + 12 * 2  # the sources and two replicates of each of the twelve training sets
     claims = pd.read_csv(results / "tables" / "claims.csv")

@@ -306,6 +306,17 @@ def check_image_size(config: Mapping) -> None:
                               f"images are {side}x{side} (dataset.restricted_imagenet.resolution)")
 
 
+def attack_repeated_by(constructions: Mapping, name: str) -> str | None:
+    """The construction whose attack ``name`` repeats: for a set with ``drop_read_as_target_by``,
+    another construction with every other setting the same. Its rows are those ``name`` would
+    attack again, so ``name`` judges them instead (the workflow makes it an input)."""
+    settings = constructions[name]
+    if "drop_read_as_target_by" not in settings:
+        return None
+    attack = {key: value for key, value in settings.items() if key != "drop_read_as_target_by"}
+    return next((other for other, cons in constructions.items() if other != name and cons == attack), None)
+
+
 def source_seed(config: Mapping, name: str) -> int:
     """The seed source ``name`` trains with: its own ``seed``, or the run's plus its ``seed_offset``."""
     source = config["sources"][name]

@@ -330,6 +330,38 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Inversion, TargetedPGD, 
                                                          PixelBlend, JpegCoded)}
 
 
+class _AttackedRows:
+    """The rows of a finished construction, read as the rows a repeated attack would have
+    written (the ``ChunkedWriter`` calls that :func:`construct` makes, read-only)."""
+
+    def __init__(self, artifact: hdf5.Artifact):
+        self._artifact, self._split = artifact, artifact.split("train")
+        self.attrs = artifact.attrs
+        self.orig_index = self._split["orig_index"][:]
+        self.rows_done = len(self.orig_index)
+
+    @classmethod
+    def matching(cls, path: str | Path, fingerprint: str) -> "_AttackedRows | None":
+        """The file's rows if its recorded attack fingerprint is ``fingerprint``, else None."""
+        artifact = hdf5.open_artifact(path, kind="constructed")
+        recorded = artifact.attrs.get("attack_fingerprint")  # read back as the dict it encodes
+        if recorded == json.loads(fingerprint):
+            return cls(artifact)
+        artifact.close()
+        log.warning("%s was not made by the same attack (%s), so the attack runs again", path,
+                    "made before attacks were recorded" if recorded is None else "other settings or inputs")
+        return None
+
+    def dataset(self, name: str):
+        return self._split[name]
+
+    def read_column(self, name: str) -> np.ndarray:
+        return self._split[name][:]
+
+    def close(self) -> None:
+        self._artifact.close()
+
+
 def _classify_rows(checkpoint, writer: hdf5.ChunkedWriter, batch_size: int, device: torch.device,
                    fast: Mapping) -> np.ndarray:
     """The predictions of the model in ``checkpoint`` on every image ``writer`` holds (streamed)."""
@@ -374,19 +406,25 @@ def _columns(image_shape: tuple[int, ...]) -> dict[str, hdf5.ColumnSpec]:
 def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoint: str | Path | None,
               output: str | Path, seed: int, device: torch.device, chunk_size: int, fast: Mapping,
               ensemble_checkpoints: Sequence[str | Path] = (), twin: str | Path | None = None,
-              check_checkpoint: str | Path | None = None, drop_checkpoint: str | Path | None = None) -> Path:
+              check_checkpoint: str | Path | None = None, drop_checkpoint: str | Path | None = None,
+              attacked: str | Path | None = None) -> Path:
     """Build construction ``name`` (its validated config ``cfg``) into ``output``, resuming a
     matching ``.partial`` file. ``twin``: the constructed file a control copies its rows and
     labels from (a leakage control's PGD set, a blend control's inversion). ``check_checkpoint``:
     a robust model that classifies every constructed image afterwards, to measure how often the
     attack painted in robust features of t. ``drop_checkpoint``: the model of the config's
-    ``drop_read_as_target_by``; the rows it reads as t are left out of the set."""
+    ``drop_read_as_target_by``; the rows it reads as t are left out of the set. ``attacked``: a
+    finished construction made by the same attack (``config.attack_repeated_by``): its rows are
+    judged instead of attacking again, when its recorded attack matches this one's."""
     method_class = METHODS.get(cfg["method"])
     if method_class is None:
         raise ValueError(f"construction {name}: unknown method {cfg['method']!r}; expected one of {sorted(METHODS)}")
     if bool(cfg.get("drop_read_as_target_by")) != (drop_checkpoint is not None):
         raise ValueError(f"construction {name}: drop_read_as_target_by is {cfg.get('drop_read_as_target_by')!r} "
                          f"but the model checkpoint given to judge the rows is {drop_checkpoint!r}")
+    if attacked is not None and drop_checkpoint is None:
+        raise ValueError(f"construction {name}: the rows of {attacked} can only stand in for an attack that "
+                         "drops rows (drop_read_as_target_by)")
     precision = resolve_precision(cfg.get("precision", "float32"), device) if source_checkpoint is not None else "float32"
     attack_fast = {**fast, "bf16_autocast": fast["bf16_autocast"] or precision == "bfloat16"}
     ensemble, source_sha = [], None
@@ -412,10 +450,25 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         def read_images(index: np.ndarray) -> torch.Tensor:
             return to_float(torch.from_numpy(read_rows(train.images, index))).to(device)
 
-        fingerprint = json.dumps({"cfg": {**cfg, "precision": precision}, "seed": seed, "chunk": chunk_size, "source": source_sha,
-                                  "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
-                                  "twin": file_sha256(twin) if twin else None,
-                                  "data": file_sha256(data_path)}, sort_keys=True)
+        inputs = {"seed": seed, "chunk": chunk_size, "source": source_sha,
+                  "ensemble": [file_sha256(p) for p in ensemble_checkpoints],
+                  "twin": file_sha256(twin) if twin else None, "data": file_sha256(data_path)}
+
+        def attack_fingerprint(settings: Mapping) -> str:
+            return json.dumps({"cfg": {**settings, "precision": precision}, **inputs}, sort_keys=True)
+
+        fingerprint = attack_fingerprint(cfg)
+        repeated = _AttackedRows.matching(attacked, attack_fingerprint(
+            {k: v for k, v in cfg.items() if k != "drop_read_as_target_by"})) if attacked is not None else None
+        if repeated is not None and not np.array_equal(repeated.read_column("labels"), targets[repeated.orig_index]):
+            log.warning("%s records the same attack but other targets (code from another version?), so the "
+                        "attack runs again", attacked)
+            repeated.close()
+            repeated = None
+        if repeated is not None:
+            rows, n = repeated.orig_index, len(repeated.orig_index)
+            log.info("%s: judging the %d rows of %s, made by the same attack, instead of attacking again",
+                     name, n, attacked)
         columns = {**_columns(image_shape), **method.extra_columns}
         keep_reached = cfg.get("keep", "all") == "reached"
         subset = keep_reached or drop_checkpoint is not None
@@ -425,9 +478,9 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
         build_path = all_rows_path if subset else output
         if not subset:  # a subset run of this set that was killed and is now reconfigured
             partial_path(all_rows_path).unlink(missing_ok=True)
-        writer = hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
+        writer = repeated or hdf5.ChunkedWriter(build_path, n, columns, fingerprint)
         kept_writer = None
-        if writer.rows_done:
+        if writer.rows_done and repeated is None:
             log.info("%s: resuming after %d/%d finished rows", name, writer.rows_done, n)
         bar = tqdm(total=n, initial=writer.rows_done, desc=f"construct {name}", unit="img", mininterval=10)
         try:
@@ -486,19 +539,22 @@ def construct(name: str, cfg: Mapping, *, data_path: str | Path, source_checkpoi
                 "source_sha256": source_sha or "",
                 "ensemble_checkpoints": json.dumps([str(p) for p in ensemble_checkpoints]),
                 # the attack's success over every attacked row; the norms describe the rows kept
-                "success_rate": float(reached.mean()) if method.has_success_rate else float("nan"),
+                "success_rate": repeated.attrs["success_rate"] if repeated else
+                float(reached.mean()) if method.has_success_rate else float("nan"),
                 "mean_perturbation_norm": float(norms.mean()),
                 "max_perturbation_norm": float(norms.max()),
                 "unperturbed_rate": float((norms == 0).mean()),
                 "label_equals_orig_rate": float((targets[rows[kept]] == labels[rows[kept]]).mean()),
                 "rows_kept": len(kept),
-                "rows_attacked": n,
+                "rows_attacked": repeated.attrs["rows_attacked"] if repeated else n,
+                "attack_fingerprint": fingerprint,
+                "rows_judged_from": str(attacked) if repeated else "",
                 "rows_in_source_set": len(labels),
                 "twin": str(twin) if twin else "",
                 **dropped,
                 **check,
             }
-            log.info("%s: %s", name, {k: v for k, v in summary.items() if k != "attack"})
+            log.info("%s: %s", name, {k: v for k, v in summary.items() if k not in ("attack", "attack_fingerprint")})
             finished = final.finish(kind="constructed", class_names=class_names, config={name: dict(cfg)},
                                     seed=seed, source=f"{cfg['method']} construction {name!r}", extra_attrs=summary)
             if subset:

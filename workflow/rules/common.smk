@@ -6,8 +6,8 @@ from snakemake.exceptions import WorkflowError
 
 # Only torch-free modules: every Snakemake start (each dry run, each cluster job) parses this.
 from notbugs.config import (ORIGINAL_SET, LINEAR_SOURCE, RELABEL_SET, RELABEL_SOURCE, TARGETED_ATTACK_METHODS,
-                            ConfigError, autoattack_config, fresh_sources, nontransferable_set, pgd_config,
-                            rebuttal_sets, source_seed, target_train_config, validate_config)
+                            ConfigError, attack_repeated_by, autoattack_config, fresh_sources, nontransferable_set,
+                            pgd_config, rebuttal_sets, source_seed, target_train_config, validate_config)
 from notbugs.sampling import target_seed
 
 try:
@@ -112,6 +112,10 @@ def construction_inputs(wildcards):
     inputs["ensemble"] = [f"{RESULTS}/sources/{s}/model.pt" for s in construction.get("ensemble", [])]
     if "drop_read_as_target_by" in construction:
         inputs["drop"] = f"{RESULTS}/sources/{construction['drop_read_as_target_by']}/model.pt"
+    attacked = attack_repeated_by(config["constructions"], wildcards.name)
+    if attacked:  # judge that set's rows instead of running the same attack again
+        # ancient: a rebuilt copy of the same rows does not make this set stale; its own inputs still do
+        inputs["attacked"] = ancient(f"{RESULTS}/constructed/{attacked}.h5")
     if "twin_of" in construction:
         inputs["twin"] = f"{RESULTS}/constructed/{construction['twin_of']}.h5"
     if config["robust_leakage_check"] and construction["method"] in TARGETED_ATTACK_METHODS:

@@ -11,7 +11,7 @@ def main(smk):
               seed=smk.params.seed, device=device, chunk_size=smk.params.chunk_size,
               ensemble_checkpoints=list(smk.input.ensemble), fast=smk.params.fast,
               twin=smk.input.get("twin"), check_checkpoint=smk.input.get("check"),
-              drop_checkpoint=smk.input.get("drop"))
+              drop_checkpoint=smk.input.get("drop"), attacked=smk.input.get("attacked"))
 
 
 if __name__ == "__main__":
