@@ -1,11 +1,31 @@
 """Fixtures shared by several test modules."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+
+# The suite runs in two processes (README: pytest -n 2, pytest-xdist; --dist loadfile in
+# pyproject.toml): alone it kept one of the two cores idle half the time. Each test file runs
+# whole in one process, so its module fixtures are built once.
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first, so that the two processes end together."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+def pytest_configure(config):
+    """Two worker processes share the cores: one intra-op thread each, or OpenMP spin-waiting
+    between them slows both."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +50,16 @@ def default_run(tmp_path_factory):
     which for a run of the same checkout is nothing."""
     from helpers import REPO, copy_finished_run
     from test_workflow import snakemake
-    workdir = tmp_path_factory.mktemp("default")
-    finished = os.environ.get("NOTBUGS_FINISHED_DEFAULT_RUN")
-    if finished:
-        copy_finished_run(Path(finished), workdir)
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    snakemake(workdir, config)
-    snakemake(workdir, config, "--report", str(workdir / "report.html"))
+
+    def build(workdir):
+        finished = os.environ.get("NOTBUGS_FINISHED_DEFAULT_RUN")
+        if finished:
+            copy_finished_run(Path(finished), workdir)
+        snakemake(workdir, config)
+        snakemake(workdir, config, "--report", str(workdir / "report.html"))
+
+    workdir = _run_once(tmp_path_factory, "default", build)
     return workdir, workdir / "results" / config["dataset"]["name"]
 
 
@@ -45,6 +68,25 @@ def tiny_run(tmp_path_factory):
     """The tiny config's whole pipeline (test_workflow.tiny_config), run once per test session;
     the tests that need a finished run start from a copy (helpers.copy_finished_run)."""
     from test_workflow import snakemake, tiny_config
-    workdir = tmp_path_factory.mktemp("tiny")
-    snakemake(workdir, tiny_config())
+    return _run_once(tmp_path_factory, "tiny", lambda workdir: snakemake(workdir, tiny_config()))
+
+
+def _run_once(tmp_path_factory, name: str, build) -> Path:
+    """A fresh directory that ``build`` fills, once per test session. Under pytest-xdist each
+    process has its own session fixtures, so the processes share one directory under a file
+    lock: the first to need it builds it, another that needs it meanwhile waits, and a failed
+    build leaves no mark, so the next process tries again and reports its own failure."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        workdir = tmp_path_factory.mktemp(name)
+        build(workdir)
+        return workdir
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent  # the session's temporary root, above each process's
+    workdir, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            build(workdir)
+            done.touch()
     return workdir
