@@ -4,7 +4,9 @@
         docs/results/cifar10-cpu/session14-seed1
 
 Each argument is one seed's copy of results/cifar10-cpu/tables/ (models.csv, figure2.csv,
-table1.csv, claims.csv); the columns follow the arguments' order.
+table1.csv, claims.csv); the columns follow the arguments' order. An argument ``A+B`` reads A and
+takes the Table 1 rows and claims that B has from B (B may hold only table1.csv and claims.csv,
+as a run that built only some sets does); those cells are marked †.
 """
 
 import sys
@@ -63,7 +65,7 @@ def model_cell(tables, where):
         return f"{number(row['std_acc'])} / {number(row['robust_acc_eps0.25'])}"
     if kind == "table1":
         row = tables["table1"].set_index("train_set").loc[key]
-        return interval(row["test_acc"], row["test_acc_ci_low"], row["test_acc_ci_high"])
+        return interval(row["test_acc"], row["test_acc_ci_low"], row["test_acc_ci_high"]) + row["mark"]
     row = tables["figure2"].set_index("label").loc[key]
     if row["replicates"] == 1:
         return (f"{number(row['std_acc'])} / {number(row['robust_acc'])} "
@@ -76,10 +78,22 @@ def claim_holds(row):
     return row["diff_ci_low"] > 0 and row["worst_replicate_p"] < 0.01
 
 
+def read_tables(argument):
+    """The tables of ``A`` or ``A+B`` (B's Table 1 rows and claims replace A's, marked)."""
+    base, *overlay = argument.split("+")
+    tables = {name: pd.read_csv(Path(base) / f"{name}.csv") for name in ("models", "figure2", "table1", "claims")}
+    tables["table1"]["mark"] = tables["claims"]["mark"] = ""
+    for directory in overlay:
+        for name, keys in (("table1", ["train_set"]), ("claims", ["better", "worse"])):
+            new = pd.read_csv(Path(directory) / f"{name}.csv").assign(mark=" †")
+            kept = ~tables[name].set_index(keys).index.isin(new.set_index(keys).index)
+            tables[name] = pd.concat([tables[name][kept], new], ignore_index=True)
+    return tables
+
+
 def main(directories):
-    runs = [{name: pd.read_csv(Path(d) / f"{name}.csv")
-             for name in ("models", "figure2", "table1", "claims")} for d in directories]
-    seeds = [Path(d).name for d in directories]
+    runs = [read_tables(d) for d in directories]
+    seeds = [" + ".join(Path(part).name for part in d.split("+")) for d in directories]
     print("| model | paper | replication | " + " | ".join(f"notbugs {s}: test / robust" for s in seeds) + " |")
     print("|---|---|---|" + "---|" * len(runs))
     for label, paper, replication, where in MODEL_ROWS:
@@ -95,7 +109,7 @@ def main(directories):
             row = c[(c["better"] == better) & (c["worse"] == worse)].iloc[0]
             sign = "+" if row["diff"] > 0 else ""
             cells.append(f"{sign}{interval(row['diff'], row['diff_ci_low'], row['diff_ci_high'])}, "
-                         f"{p_value(row['p_value'])}, {p_value(row['worst_replicate_p'])}")
+                         f"{p_value(row['p_value'])}, {p_value(row['worst_replicate_p'])}{row['mark']}")
             if claim_holds(row):
                 held.append(seed)
         print(f"| {label} | " + " | ".join(cells) + f" | {', '.join(held) or 'none'} |")
