@@ -230,6 +230,16 @@ def distance_quantiles(art: hdf5.Artifact, method: str) -> dict[str, float]:
     return {f"{prefix}_q{q}": float(v) for q, v in zip(percentiles, np.percentile(values, percentiles))}
 
 
+def construction_summary(path: str | Path, name: str) -> dict:
+    """What the tables show of the constructed set ``name`` stored at ``path``: its recorded
+    attributes (CONSTRUCTION_ATTRS), its ε and, for inversions and blends, distance percentiles."""
+    with hdf5.open_artifact(path, kind="constructed") as art:
+        summary = {k: art.attrs[k] for k in CONSTRUCTION_ATTRS if k in art.attrs}
+        summary["eps"] = art.config[name].get("eps", float("nan"))
+        summary.update(distance_quantiles(art, art.config[name]["method"]))
+    return summary
+
+
 def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[str, str],
                  constructed_files: Mapping[str, str], data_path: str | Path, *, figure2_rows: Mapping[str, str],
                  figure2_eps: float, comparisons: Sequence[Mapping], outputs: Mapping[str, str],
@@ -238,12 +248,7 @@ def write_tables(metrics_files: Mapping[str, str], predictions_files: Mapping[st
     ``outputs`` names (keys models, table1, figure2, claims). ``autoattack_files``: the
     AutoAttack predictions of the Figure 2 models (``evaluation.figure2_autoattack``), if any."""
     metrics = {name: json.loads(Path(path).read_text()) for name, path in metrics_files.items()}
-    constructions = {}
-    for name, path in constructed_files.items():
-        with hdf5.open_artifact(path, kind="constructed") as art:
-            constructions[name] = {k: art.attrs[k] for k in CONSTRUCTION_ATTRS if k in art.attrs}
-            constructions[name]["eps"] = art.config[name].get("eps", float("nan"))
-            constructions[name].update(distance_quantiles(art, art.config[name]["method"]))
+    constructions = {name: construction_summary(path, name) for name, path in constructed_files.items()}
     with hdf5.open_artifact(data_path, kind="data") as data:
         n_classes = len(data.class_names)
     models = models_table(metrics, constructions)

@@ -9,9 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from notbugs import hdf5, tables
+from notbugs import tables
 
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
 pairs = [dict(zip(("better", "worse"), a.split(":")), metric="clean") for a in sys.argv[3:]]
@@ -21,12 +19,8 @@ for path in sorted(results.glob("targets/*/*/r*/metrics.json")):
     model_dir = str(path.parent.relative_to(results))
     metrics[model_dir] = json.loads(path.read_text())
     predictions[model_dir] = path.parent / "predictions.h5"
-constructions = {}
-for path in sorted(results.glob("constructed/*.h5")):
-    with hdf5.open_artifact(path, kind="constructed") as art:
-        name = path.stem
-        constructions[name] = {k: art.attrs[k] for k in tables.CONSTRUCTION_ATTRS if k in art.attrs}
-        constructions[name]["eps"] = art.config[name].get("eps", float("nan"))
+constructions = {path.stem: tables.construction_summary(path, path.stem)
+                 for path in sorted(results.glob("constructed/*.h5"))}
 models = tables.models_table(metrics, constructions)
 out.mkdir(parents=True, exist_ok=True)
 models.to_csv(out / "models.csv", index=False, float_format="%.4g")
