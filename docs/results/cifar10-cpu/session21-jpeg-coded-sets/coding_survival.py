@@ -7,7 +7,8 @@ For each row, x is the data file's training image (decoded from the JPEG copy), 
 image, J(x') the coded set's image and delta = x' - x. Session 16's `kept` gives the medians of
 ||J(x') - J(x)|| / ||delta|| (norm left) and <J(x') - J(x), delta> / ||delta||^2 (projection
 left), also for Gaussian noise of each row's norm. Rows the set left unchanged are skipped.
-It also says how far the coding moves x itself: the copy's images were coded the same way.
+It also says how far the coding moves x itself: the copy's images were coded at quality 75, 4:2:0.
+The coding's settings are the coded set's own (`quality`, `subsampling` in its config).
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "session16-jpeg"))
-from jpeg_survival import QUALITY, SUBSAMPLING, kept  # noqa: E402
+from jpeg_survival import kept  # noqa: E402
 
 from notbugs import hdf5  # noqa: E402
 from notbugs.construct import jpeg_code  # noqa: E402
@@ -30,22 +31,23 @@ def survival(results: Path, name: str, coded_name: str, x_all: np.ndarray) -> di
         if not (art.split("train")["orig_index"][:] == rows).all():
             raise ValueError(f"{coded_name} does not hold {name}'s rows")
         coded = art.split("train").images[:]
+        quality, subsampling = art.config[coded_name]["quality"], art.config[coded_name]["subsampling"]
     clean = x_all[rows]
     delta = perturbed - clean
     changed = (delta.reshape(len(delta), -1) ** 2).sum(1) > 0
     clean, delta, coded = clean[changed], delta[changed], coded[changed]
-    coded_clean = jpeg_code(clean, QUALITY, SUBSAMPLING)
+    coded_clean = jpeg_code(clean, quality, subsampling)
     norms = np.sqrt((delta.reshape(len(delta), -1) ** 2).sum(1))
     noise = np.random.default_rng(0).standard_normal(delta.shape).astype(np.float32)
     noise *= (norms / np.sqrt((noise.reshape(len(noise), -1) ** 2).sum(1)))[:, None, None, None]
     noise = np.clip(clean + noise, 0, 1) - clean
     recoding = np.sqrt(((coded_clean - clean).reshape(len(clean), -1) ** 2).sum(1))
-    return {"rows": int(len(rows)), "rows_changed": int(changed.sum()),
+    return {"quality": quality, "subsampling": subsampling, "rows": int(len(rows)), "rows_changed": int(changed.sum()),
             "perturbation_l2_median": round(float(np.median(norms)), 3),
             "recoding_moves_x_l2_median": round(float(np.median(recoding)), 4),
             "recoding_leaves_x_unchanged_share": round(float(np.mean(recoding == 0)), 3),
             "perturbation": kept(delta, coded - coded_clean),
-            "same_norm_gaussian_noise": kept(noise, jpeg_code(clean + noise, QUALITY, SUBSAMPLING) - coded_clean)}
+            "same_norm_gaussian_noise": kept(noise, jpeg_code(clean + noise, quality, subsampling) - coded_clean)}
 
 
 if __name__ == "__main__":
