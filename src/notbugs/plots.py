@@ -41,7 +41,7 @@ TRAIN_SET_LABELS = {
     "d": "D", "d_r": "D_R", "d_r_blend": "D_R's pixel blend", "d_nr": "D_NR", "d_rand": "D_rand", "d_det": "D_det", "d_other": "D_other",
     "d_leak_rand": "twin of D_rand\n(leakage only)", "d_leak_det": "twin of D_det\n(leakage only)",
     "d_leak_other": "twin of D_other\n(leakage only)",
-    "d_det_no_robust_t": "D_det without rows\nthe robust model reads as t",
+    "d_det_no_robust_t": "D_det without\nrows the robust\nmodel reads as t",
     "d_leak_det_no_robust_t": "its twin\n(leakage only)",
     "d_det_nontransferable": "D_det, non-transferable", "d_relabel": "D_relabel",
 }
