@@ -6,6 +6,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
+from matplotlib.collections import LineCollection
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,6 +63,21 @@ def overlapping_texts(fig) -> list:
             if boxes[i].overlaps(boxes[j])]
 
 
+def texts_crossed_by_reference_markers(fig) -> list:
+    """Texts that a reference marker (a horizontal segment drawn with ``hlines``) runs through."""
+    fig.canvas.draw()
+    crossed = []
+    for ax in fig.axes:
+        segments = [ax.transData.transform(seg) for coll in ax.collections if isinstance(coll, LineCollection)
+                    for seg in coll.get_segments()]
+        for text in ax.texts:
+            box = text.get_window_extent()
+            for (x0, y0), (x1, y1) in segments:
+                if y0 == y1 and box.y0 < y0 < box.y1 and min(x0, x1) < box.x1 and max(x0, x1) > box.x0:
+                    crossed.append(text.get_text())
+    return crossed
+
+
 def capture_figure(monkeypatch, check_overlaps: bool = False) -> list:
     """Record the texts of the figure passed to ``plots._save``; optionally assert none overlap."""
     figures, save = [], plots._save
@@ -69,6 +85,7 @@ def capture_figure(monkeypatch, check_overlaps: bool = False) -> list:
     def recording_save(fig, out_png):
         if check_overlaps:
             assert overlapping_texts(fig) == []
+            assert texts_crossed_by_reference_markers(fig) == []
         figures.append([t.get_text() for t in fig.findobj(plt.Text)])
         save(fig, out_png)
     monkeypatch.setattr(plots, "_save", recording_save)
@@ -93,6 +110,16 @@ def test_table1(tmp_path, monkeypatch, archs):
     for expected in ("twin of D_rand", "d_custom", "paper", "replication", "chance (10%)",
                      "test accuracy on the original test set (%)", *archs):
         assert expected in joined
+
+
+def test_figure2_value_labels_stay_clear_of_a_low_reference_marker(tmp_path, monkeypatch):
+    """A tall bar whose paper marker sits near its foot (D's robust accuracy: 31% here, 4.5% in
+    the paper) keeps its value label off the marker."""
+    table = figure2_table()
+    table.loc[0, "robust_acc"] = 31.1
+    texts = capture_figure(monkeypatch, check_overlaps=True)
+    plots.figure2(table, tmp_path / "figure2.png")
+    assert "31.1" in texts[0]
 
 
 @pytest.mark.parametrize("preset", ["cifar10-cpu.yaml", "cifar10-paper.yaml"])
