@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
 from matplotlib.collections import LineCollection
@@ -12,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import REPO
 from notbugs import plots
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -126,7 +125,7 @@ def test_figure2_value_labels_stay_clear_of_a_low_reference_marker(tmp_path, mon
 def test_table1_labels_of_every_preset_set_stay_apart(tmp_path, monkeypatch, preset):
     """The presets' Table 1 bars (up to nine sets, two-line twin labels, the long D_det without
     robust-t rows) keep their tick labels from running into each other."""
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / preset).read_text())
+    config = yaml.safe_load((REPO / "configs" / preset).read_text())
     sets = [s for s in config["targets"]["train_sets"] if s in plots.TRAIN_SET_LABELS and s not in ("d_r", "d_r_blend", "d_nr")]
     table = pd.DataFrame([{"train_set": s, "arch": "small_cnn_wide", "test_acc": 50.0, "n_test": 2000, "chance": 10.0,
                            "construction_success_rate": np.nan if s == "d" or "leak" in s else 41.1,
