@@ -319,6 +319,47 @@ def test_restarts_keep_lowest_loss_per_example(trained, model):
     assert (multi.loss > single.loss + 1e-6).any()  # and the other restarts were really used
 
 
+@pytest.mark.parametrize("keep_best,restarts", [(False, 1), (True, 1), (True, 3)])
+def test_pgd_reports_the_prediction_and_loss_of_the_images_it_returns(trained, model, keep_best, restarts):
+    """pgd takes its prediction from the forward passes the descent already made; they must be
+    those of a fresh forward pass on the returned x_adv."""
+    x, y = trained.x[:48], trained.y[:48]
+    res = attacks.pgd(model, x, y, eps=0.05, steps=6, step_size=0.02, keep_best=keep_best, restarts=restarts,
+                      random_start=restarts > 1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(res.x_adv)
+    assert torch.equal(res.prediction, logits.argmax(1))
+    assert torch.equal(res.success, logits.argmax(1) != y)
+    torch.testing.assert_close(res.loss, F.cross_entropy(logits, y, reduction="none"), rtol=1e-5, atol=1e-6)
+    assert 0 < res.success.float().mean() < 1  # both branches of the success test are exercised
+
+
+def _count_forward_passes(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_pgd_runs_the_model_once_per_step_and_once_on_the_result(trained, model, keep_best):
+    calls = _count_forward_passes(model)
+    attacks.pgd(model, trained.x[:8], trained.y[:8], eps=0.5, steps=5, step_size=0.1, keep_best=keep_best)
+    assert calls[0] == 5 + 1
+
+
+def test_descent_for_adversarial_training_skips_the_forward_pass_at_the_last_iterate(model):
+    from notbugs.train import _adversarial_batch
+    calls = _count_forward_passes(model)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, NUM_CLASSES, (8,))
+    adv = {"steps": 4, "random_start": True}
+    x_adv = _adversarial_batch(model, x, y, attacks.L2Ball(0.5, 0.2), adv, torch.Generator().manual_seed(0))
+    assert calls[0] == 4
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all()
+    with pytest.raises(ValueError, match="keep_best"):
+        attacks.descend(x, lambda z: model(z)[:, 0], attacks.L2Ball(0.5, 0.2), 2, keep_best=True,
+                        evaluate_last=False)
+
+
 # --------------------------------------------------------------------------- model hygiene
 
 def _prepare_awkward_model(model: torch.nn.Module, training: bool) -> None:

@@ -122,41 +122,57 @@ PerExampleLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
 def descend(x: torch.Tensor, loss_fn: PerExampleLoss, threat, steps: int, *, random_start: bool = False,
-            keep_best: bool = False, generator: torch.Generator | None = None, step_decay: str = "none"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            keep_best: bool = False, generator: torch.Generator | None = None, step_decay: str = "none",
+            with_output: bool = False, evaluate_last: bool = True) -> tuple:
     """Projected descent of ``loss_fn`` from ``x`` under ``threat``. Returns (x_adv, loss per example).
 
     With ``keep_best`` the lowest-loss iterate of each example is returned, otherwise the last.
     ``step_decay="linear"`` shrinks the step size linearly to zero over the run.
+    With ``with_output`` the loss function returns (loss, output), output having a row per example
+    (a model's logits, say), and descend returns (x_adv, loss, output) with the rows of the
+    returned iterates: a caller needs no second forward pass on x_adv.
+    ``evaluate_last=False`` skips the forward pass at the last iterate, whose loss (and output)
+    come back as None: for callers that want only the iterate, such as adversarial training.
     """
+    if keep_best and not evaluate_last:
+        raise ValueError("keep_best compares the last iterate with the others, so it needs evaluate_last")
+
+    def evaluate(z):
+        return loss_fn(z) if with_output else (loss_fn(z), None)
+
     delta = threat.project(x, threat.init(x, random_start, generator))
-    best_delta, best_loss = delta.detach().clone(), None
+    best = None
     base_threat = threat
     for i in range(steps):
         if step_decay == "linear":
             threat = dataclasses.replace(base_threat, step_size=base_threat.step_size * (1 - i / steps))
         delta.requires_grad_(True)
-        loss = loss_fn(x + delta)
+        loss, output = evaluate(x + delta)
         grad, = torch.autograd.grad(loss.sum(), delta)
         with torch.no_grad():
             if keep_best:
-                best_loss, best_delta = _keep_lower(best_loss, best_delta, loss.detach(), delta.detach())
+                best = _keep_lower(best, loss.detach(), delta.detach(), None if output is None else output.detach())
             delta = threat.project(x, threat.step(delta.detach(), grad))
-    with torch.no_grad():
-        final_loss = loss_fn(x + delta)
-        if keep_best:
-            best_loss, best_delta = _keep_lower(best_loss, best_delta, final_loss, delta)
-            return (x + best_delta).detach(), best_loss
-        return (x + delta).detach(), final_loss
+    loss = output = None
+    if evaluate_last:
+        with torch.no_grad():
+            loss, output = evaluate(x + delta)
+            if keep_best:
+                loss, delta, output = _keep_lower(best, loss, delta, output)
+    x_adv = (x + delta).detach()
+    return (x_adv, loss, output) if with_output else (x_adv, loss)
 
 
-def _keep_lower(best_loss, best_delta, loss, delta):
-    if best_loss is None:
-        return loss.clone(), delta.clone()
+def _keep_lower(best, loss, delta, output):
+    """(loss, delta, output) of each example's lower-loss iterate: ``best`` so far or this one."""
+    if best is None:
+        return loss.clone(), delta.clone(), None if output is None else output.clone()
+    best_loss, best_delta, best_output = best
     better = loss < best_loss
     best_delta[better] = delta[better]
-    best_loss = torch.where(better, loss, best_loss)
-    return best_loss, best_delta
+    if best_output is not None:
+        best_output[better] = output[better]
+    return torch.where(better, loss, best_loss), best_delta, best_output
 
 
 @dataclass
@@ -187,19 +203,20 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
     sign = 1.0 if targeted else -1.0
     with frozen(model):
         def loss_fn(z):
-            return sign * F.cross_entropy(model(z), y, reduction="none")
+            logits = model(z)
+            return sign * F.cross_entropy(logits, y, reduction="none"), logits
 
-        best_x, best_loss = None, None
+        best_x, best_loss, best_logits = None, None, None
         for _ in range(max(1, restarts)):
-            x_adv, loss = descend(x, loss_fn, threat, steps, random_start=random_start,
-                                  keep_best=keep_best, generator=generator)
+            x_adv, loss, logits = descend(x, loss_fn, threat, steps, random_start=random_start,
+                                          keep_best=keep_best, generator=generator, with_output=True)
             if best_x is None:
-                best_x, best_loss = x_adv, loss
+                best_x, best_loss, best_logits = x_adv, loss, logits
             else:
                 better = loss < best_loss
-                best_x[better], best_loss = x_adv[better], torch.where(better, loss, best_loss)
-        with torch.no_grad():
-            pred = model(best_x).argmax(1)
+                best_x[better], best_logits[better] = x_adv[better], logits[better]
+                best_loss = torch.where(better, loss, best_loss)
+    pred = best_logits.argmax(1)
     success = pred == y if targeted else pred != y
     return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success, pred)
 
@@ -255,15 +272,14 @@ def nontransferable_pgd(model: nn.Module, others: list[nn.Module], x: torch.Tens
             stack.enter_context(frozen(m))
 
         def loss_fn(z):
-            loss = F.cross_entropy(model(z), target, reduction="none")
+            logits = model(z)
+            loss = F.cross_entropy(logits, target, reduction="none")
             if others:
                 keep = torch.stack([F.cross_entropy(m(z), y, reduction="none") for m in others])
                 loss = loss + weight * keep.mean(0)
-            return loss
+            return loss, logits
 
-        x_adv, _ = descend(x, loss_fn, threat, steps, keep_best=keep_best)
-        with torch.no_grad():
-            logits = model(x_adv)
+        x_adv, _, logits = descend(x, loss_fn, threat, steps, keep_best=keep_best, with_output=True)
     pred = logits.argmax(1)
     return AttackResult(x_adv, F.cross_entropy(logits, target, reduction="none"),
                         (x_adv - x).flatten(1).norm(dim=1), pred == target, pred)

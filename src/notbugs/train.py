@@ -407,7 +407,7 @@ def _adversarial_batch(model, x, y, threat, adv: Mapping, gen: torch.Generator, 
         return -F.cross_entropy(forward(model, z, bf16), y, reduction="none")
     with attacks.frozen(model):
         x_adv, _ = attacks.descend(x, loss_fn, threat, adv["steps"], random_start=adv["random_start"],
-                                   generator=gen)
+                                   generator=gen, evaluate_last=False)
     return x_adv
 
 
