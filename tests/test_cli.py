@@ -2,6 +2,7 @@
 
 import h5py
 import pytest
+import torch
 
 from helpers import make_data_artifact
 from notbugs.cli import main
@@ -130,3 +131,21 @@ def test_bench_operators_lists_each_job_kinds_costliest_operators(capsys):
     for kind in ("attack", "inversion", "training"):
         assert f"small_cnn {kind}: top 8 operators" in out
     assert "aten::" in out
+
+
+def test_bench_operators_by_shape_gives_each_convolution_layer_its_own_line(capsys):
+    from notbugs.models import build_model
+    assert main(["bench", "--operators", "--by-shape", "--top", "1000", "--arch", "small_cnn", "--batch", "8",
+                 "--steps", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    attack = out.split("small_cnn attack:")[1].split("small_cnn inversion:")[0]
+    assert "per input shapes" in attack.splitlines()[0]
+    rows = [line.split("%", 1) for line in attack.splitlines()[1:] if "%" in line]
+    labels = [label.strip() for _, label in rows]
+    assert len(labels) == len(set(labels))
+    model = build_model("small_cnn", 10, [0.5] * 3, [0.25] * 3)
+    weights = [str(list(m.weight.shape)) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(set(weights)) == 4
+    for weight in weights:  # every layer's forward and backward pass, each on a line of its own
+        for op in ("aten::mkldnn_convolution ", "aten::convolution_backward "):
+            assert sum(label.startswith(op) and weight in label for label in labels) == 1, (op, weight)

@@ -461,9 +461,12 @@ def allocator_effect(archs=("small_cnn_wide",), kinds=SPLIT_KINDS, threads: int 
 
 
 def top_operators(arch: str = "small_cnn_wide", kinds=SPLIT_KINDS, batch: int = 256, steps: int = 10,
-                  calls: int = 3, n: int = 8, print_fn=print) -> dict[str, list[tuple[str, float]]]:
+                  calls: int = 3, n: int = 8, by_shape: bool = False, print_fn=print
+                  ) -> dict[str, list[tuple[str, float]]]:
     """The torch profiler's ``n`` most expensive operators (self CPU time) of each job kind over
-    ``calls`` calls after a warm-up, with their share of the kind's total self time."""
+    ``calls`` calls after a warm-up, with their share of the kind's total self time. With
+    ``by_shape`` each operator counts separately per input shapes (one line per layer), which
+    shows which layer's convolution or element-wise pass costs the time."""
     import os
 
     from torch.profiler import ProfilerActivity, profile
@@ -473,15 +476,23 @@ def top_operators(arch: str = "small_cnn_wide", kinds=SPLIT_KINDS, batch: int = 
     for kind in kinds:
         work, _ = split_workload(kind, arch, batch, steps)
         work()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
             for _ in range(calls):
                 work()
-        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        events = [e for e in prof.key_averages(group_by_input_shape=by_shape) if e.self_cpu_time_total > 0]
         total = sum(e.self_cpu_time_total for e in events)
         ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
-        tops[kind] = [(e.key, e.self_cpu_time_total / total) for e in ranked]
-        print_fn(f"\n{arch} {kind}: top {n} operators by self CPU time ({torch.get_num_threads()} threads, "
+        tops[kind] = [(_operator_label(e, by_shape), e.self_cpu_time_total / total) for e in ranked]
+        per = ", per input shapes" if by_shape else ""
+        print_fn(f"\n{arch} {kind}: top {n} operators by self CPU time{per} ({torch.get_num_threads()} threads, "
                  f"batch {batch}, {calls} calls)")
         for name, share in tops[kind]:
             print_fn(f"  {100 * share:5.1f}%  {name}")
     return tops
+
+
+def _operator_label(event, by_shape: bool) -> str:
+    if not by_shape:
+        return event.key
+    shapes = [list(shape) for shape in event.input_shapes if shape]  # scalars and options have none
+    return f"{event.key} {shapes}"

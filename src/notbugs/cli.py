@@ -97,7 +97,7 @@ def bench_command(args: argparse.Namespace) -> int:
         return 0
     if args.operators:
         for arch in args.arch:
-            bench.top_operators(arch, batch=args.batch, steps=args.steps)
+            bench.top_operators(arch, batch=args.batch, steps=args.steps, n=args.top, by_shape=args.by_shape)
         return 0
     if args.split:
         bench.thread_split(archs=args.arch, cores=args.split, batch=args.batch, steps=args.steps,
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: peak RSS of a construction and of training over N and 4N images")
     b.add_argument("--operators", action="store_true",
                    help="instead: the torch profiler's top operators of each job kind")
+    b.add_argument("--by-shape", action="store_true",
+                   help="with --operators: count each operator per input shapes, i.e. per layer")
+    b.add_argument("--top", type=int, default=8, metavar="N", help="with --operators: how many to list (default 8)")
     b.add_argument("--split", type=int, metavar="CORES", default=0,
                    help="instead: CORES jobs x 1 thread against 1 job x CORES threads, per job kind")
     b.add_argument("--allocator", action="store_true",
