@@ -163,16 +163,17 @@ def descend(x: torch.Tensor, loss_fn: PerExampleLoss, threat, steps: int, *, ran
     return (x_adv, loss, output) if with_output else (x_adv, loss)
 
 
-def _keep_lower(best, loss, delta, output):
-    """(loss, delta, output) of each example's lower-loss iterate: ``best`` so far or this one."""
+def _keep_lower(best, loss, iterate, output):
+    """(loss, iterate, output) of each example's lower-loss candidate: ``best`` so far or this one
+    (descent iterates, or the results of attack restarts)."""
     if best is None:
-        return loss.clone(), delta.clone(), None if output is None else output.clone()
-    best_loss, best_delta, best_output = best
+        return loss.clone(), iterate.clone(), None if output is None else output.clone()
+    best_loss, best_iterate, best_output = best
     better = loss < best_loss
-    best_delta[better] = delta[better]
+    best_iterate[better] = iterate[better]
     if best_output is not None:
         best_output[better] = output[better]
-    return torch.where(better, loss, best_loss), best_delta, best_output
+    return torch.where(better, loss, best_loss), best_iterate, best_output
 
 
 @dataclass
@@ -206,16 +207,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
             logits = model(z)
             return sign * F.cross_entropy(logits, y, reduction="none"), logits
 
-        best_x, best_loss, best_logits = None, None, None
+        best = None
         for _ in range(max(1, restarts)):
             x_adv, loss, logits = descend(x, loss_fn, threat, steps, random_start=random_start,
                                           keep_best=keep_best, generator=generator, with_output=True)
-            if best_x is None:
-                best_x, best_loss, best_logits = x_adv, loss, logits
-            else:
-                better = loss < best_loss
-                best_x[better], best_logits[better] = x_adv[better], logits[better]
-                best_loss = torch.where(better, loss, best_loss)
+            best = _keep_lower(best, loss, x_adv, logits)
+    best_loss, best_x, best_logits = best
     pred = best_logits.argmax(1)
     success = pred == y if targeted else pred != y
     return AttackResult(best_x, sign * best_loss, (best_x - x).flatten(1).norm(dim=1), success, pred)
