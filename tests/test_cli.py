@@ -89,6 +89,10 @@ def test_bench_reports_every_contender_against_the_peak_of_its_precision(capsys,
     bf16_lines = [line for line in out.splitlines() if "bf16" in line and "% of the" in line]
     assert len(bf16_lines) == (2 if native else 0) and all("of the bfloat16 peak" in line for line in bf16_lines)
     assert ("ratio bf16/float32 PGD" in out) == native and "ratio notbugs/reference train" in out
+    rows = [line.strip() for line in out.splitlines() if "% of the" in line]
+    with_ceiling = {row.split("  ")[0] for row in rows if "ceiling" in row}
+    assert with_ceiling == {"notbugs PGD", "notbugs inversion", "notbugs training"} | (
+        {"notbugs PGD, bf16 autocast", "notbugs training, bf16"} if native else set())
 
 
 def test_bench_stages_names_a_missing_run_and_a_foreign_file(tmp_path, capsys):
