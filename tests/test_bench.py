@@ -22,11 +22,19 @@ def _model_and_batch(arch="small_cnn", n=8):
 def test_an_attack_differentiates_every_convolution_for_its_input_only():
     model, x, y = _model_and_batch()
     calls = bench.convolutions_of(bench.job_kind_workload("attack", model, x, y, steps=2)[0])
-    assert [call.input_shape[1] for call in calls] == [3, 16, 32, 64]  # small_cnn's four, once each
+    assert [call.input_shape[1] for call in calls] == [3, 16, 32, 64]  # small_cnn's four
     assert all(call.input_grad and call.weight_grads == () for call in calls)
     assert all(call.input_dtype == torch.float32 and not call.autocast for call in calls)
     # the image arrives as given (NCHW); the fast paths' channels_last starts at the first convolution
-    assert [call.channels_last for call in calls] == [False, True, True, True]
+    assert [call.layout for call in calls] == [torch.contiguous_format] + [torch.channels_last] * 3
+    # 2 steps, each differentiated, and the evaluation of the returned images without a backward pass
+    assert all((call.differentiated, call.forward_only) == (2, 1) for call in calls)
+
+
+def test_an_inversion_also_counts_its_goal_and_its_last_evaluation():
+    model, x, y = _model_and_batch()
+    calls = bench.convolutions_of(bench.job_kind_workload("inversion", model, x, y, steps=3)[0])
+    assert len(calls) == 4 and all((call.differentiated, call.forward_only) == (3, 2) for call in calls)
 
 
 def test_training_needs_weight_gradients_everywhere_and_no_image_gradient():
@@ -34,6 +42,7 @@ def test_training_needs_weight_gradients_everywhere_and_no_image_gradient():
     calls = bench.convolutions_of(bench.job_kind_workload("training", model, x, y, steps=2)[0])
     assert len(calls) == 4 and all(call.weight_grads == ("weight",) for call in calls)
     assert [call.input_grad for call in calls] == [False, True, True, True]
+    assert all((call.differentiated, call.forward_only) == (1, 0) for call in calls)
 
 
 def test_bf16_autocast_is_recorded_with_the_dtypes_the_convolutions_receive():
@@ -43,11 +52,17 @@ def test_bf16_autocast_is_recorded_with_the_dtypes_the_convolutions_receive():
     assert [call.input_dtype for call in calls] == [torch.float32] + [torch.bfloat16] * 3
 
 
-def test_forward_passes_without_gradients_are_not_counted():
+def test_each_pass_is_counted_as_differentiated_or_forward_only():
     model, x, _ = _model_and_batch()
-    with torch.no_grad():
-        assert bench.convolutions_of(lambda: model(x)) == []
-    assert len(bench.convolutions_of(lambda: model(x).sum().backward())) == 4
+
+    def two_passes_one_differentiated():
+        with torch.no_grad():
+            model(x)
+        model(x).sum().backward()
+
+    calls = bench.convolutions_of(two_passes_one_differentiated)
+    assert len(calls) == 4 and all((call.differentiated, call.forward_only) == (1, 1) for call in calls)
+    assert all(call.weight_grads == ("weight",) for call in calls)  # recorded from the differentiated pass
 
 
 def test_timing_the_convolutions_alone_leaves_the_model_as_it_found_it():
@@ -80,6 +95,16 @@ def test_the_replay_computes_only_the_gradients_the_job_needs(monkeypatch):
         bench.convolutions_alone_seconds(calls[:2], min_seconds=0.0)
     # output_mask = (input, weight, bias): the stem needs its weight only, the next layer both
     assert set(masks) == {(False, True, False), (True, True, False)}
+
+    # an attack's replay on weights that require gradients (as they do outside the attack):
+    # the input's gradient only
+    calls = bench.convolutions_of(bench.job_kind_workload("attack", model, x, y, steps=2)[0])
+    for call in calls:
+        call.module.requires_grad_(True)
+    masks.clear()
+    with Spy():
+        bench.convolutions_alone_seconds(calls, min_seconds=0.0)
+    assert set(masks) == {(True, False, False)}
 
 
 def test_a_model_without_convolutions_gets_no_ceiling(monkeypatch):

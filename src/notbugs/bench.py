@@ -131,30 +131,47 @@ CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 @dataclasses.dataclass
 class ConvolutionCall:
     """One convolution as a job kind runs it: the module, its input (shape, dtype, layout,
-    autocast), and which gradients its backward pass computes."""
+    device, autocast), which gradients its backward pass computes, and how many times one call
+    of the job runs it with a backward pass (``differentiated``) and without (``forward_only``,
+    e.g. an attack's evaluation of the images it returns)."""
     module: torch.nn.Module
     input_shape: tuple[int, ...]
     input_dtype: torch.dtype
-    channels_last: bool
+    layout: torch.memory_format
+    device: torch.device
     autocast: bool
     input_grad: bool
     weight_grads: tuple[str, ...]
+    differentiated: int = 0
+    forward_only: int = 0
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def convolutions_of(work: Callable[[], None]) -> list[ConvolutionCall]:
-    """The convolutions one call of ``work`` differentiates through, one entry per module (its
-    first forward pass with gradients on). Forward passes without gradients, such as an attack's
-    evaluation of its last iterate, are left out, as the FLOP count of a step leaves them out."""
+    """The convolutions one call of ``work`` runs, one entry per module, with its input as the
+    first pass that is differentiated (or the first pass, if none is) saw it."""
     calls: dict[torch.nn.Module, ConvolutionCall] = {}
 
     def record(module, inputs, output):
-        if not isinstance(module, CONVOLUTIONS) or module in calls or not output.requires_grad:
+        if not isinstance(module, CONVOLUTIONS):
             return
-        x = inputs[0]
-        calls[module] = ConvolutionCall(
-            module, tuple(x.shape), x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last),
-            torch.is_autocast_enabled(x.device.type), x.requires_grad,
-            tuple(name for name, p in module.named_parameters() if p.requires_grad))
+        x, differentiated = inputs[0], output.requires_grad
+        if module not in calls or (differentiated and not calls[module].differentiated):
+            counts = ((calls[module].differentiated, calls[module].forward_only) if module in calls else (0, 0))
+            calls[module] = ConvolutionCall(
+                module, tuple(x.shape), x.dtype, _layout(x), x.device, torch.is_autocast_enabled(x.device.type),
+                x.requires_grad, tuple(name for name, p in module.named_parameters() if p.requires_grad), *counts)
+        if differentiated:
+            calls[module].differentiated += 1
+        else:
+            calls[module].forward_only += 1
 
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
@@ -165,37 +182,50 @@ def convolutions_of(work: Callable[[], None]) -> list[ConvolutionCall]:
 
 
 def convolutions_alone_seconds(calls: list[ConvolutionCall], min_seconds: float, buffers: int = 4) -> float:
-    """Seconds per step of the job's convolutions alone: each one's forward and backward pass
-    timed by itself, at its shapes, dtype, layout and autocast state, computing only the
-    gradients the job needs. Inputs rotate over ``buffers`` tensors so that no call finds its
-    input in cache where the job would not. A job cannot run faster than this with these kernels,
-    whatever it does about the rest of its work (element-wise passes, pooling, the optimiser)."""
+    """Seconds per call of the job spent in its convolutions alone: each one's forward pass, and
+    forward and backward pass, timed by itself at its shapes, dtype, layout and autocast state,
+    computing only the gradients the job needs, times the number of such passes the job makes.
+    Inputs rotate over ``buffers`` tensors so that no call finds its input in cache where the
+    job would not. With the same kernels, a job cannot run faster than this, whatever it does
+    about the rest of its work (element-wise passes, pooling, the optimiser)."""
     total = 0.0
+    budget = min_seconds / max(2 * len(calls), 1)
     for call in calls:
         module = call.module
-        device = next(module.parameters()).device
-        layout = torch.channels_last if call.channels_last else torch.contiguous_format
-        inputs = [torch.randn(call.input_shape, device=device, dtype=call.input_dtype).contiguous(memory_format=layout)
-                  .requires_grad_(call.input_grad) for _ in range(buffers)]
+        inputs = [torch.randn(call.input_shape, device=call.device, dtype=call.input_dtype)
+                  .contiguous(memory_format=call.layout).requires_grad_(call.input_grad) for _ in range(buffers)]
         saved = {name: (p.requires_grad, p.grad) for name, p in module.named_parameters()}
         for name, p in module.named_parameters():
             p.requires_grad_(name in call.weight_grads)
+        with torch.no_grad(), torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
+            grad_outputs = [torch.ones_like(module(x)) for x in inputs]
         turn = iter(range(10 ** 12))
 
+        def sync():
+            if call.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def forward():
+            with torch.no_grad(), torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
+                module(inputs[next(turn) % buffers])
+            sync()
+
         def forward_backward():
-            x = inputs[next(turn) % buffers]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=call.autocast):
-                out = module(x)
-            out.backward(torch.ones_like(out))
-            x.grad = None
+            i = next(turn) % buffers
+            with torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
+                out = module(inputs[i])
+            out.backward(grad_outputs[i])
+            inputs[i].grad = None
             for p in module.parameters():
                 p.grad = None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
 
         try:
             # the fastest call, as for the peak: a ceiling is not lowered by a slow spell of a shared machine
-            total += 1 / _best_call_rate(forward_backward, 1, min_seconds / max(len(calls), 1))
+            if call.differentiated:
+                total += call.differentiated / _best_call_rate(forward_backward, 1, budget)
+            if call.forward_only:
+                total += call.forward_only / _best_call_rate(forward, 1, budget)
         finally:
             for name, p in module.named_parameters():
                 p.requires_grad_(saved[name][0])
@@ -260,7 +290,8 @@ def run(archs=("small_cnn", "resnet18"), batch: int = 256, steps: int = 10, devi
         for name, fn in {**attack_fns, **training_fns}.items():
             if name.startswith("notbugs") and "no fast paths" not in name:
                 seconds = convolutions_alone_seconds(convolutions_of(fn), min_seconds / 3)
-                ceilings[name] = batch / seconds if seconds else None
+                units = batch if "training" in name else batch * steps
+                ceilings[name] = units / seconds if seconds else None
         for name, rate in results.items():
             flops_per_unit = (3 if "training" in name else 2) * fwd
             precision = "bfloat16" if "bf16" in name else "float32"
