@@ -77,7 +77,7 @@ def test_timing_the_convolutions_alone_leaves_the_model_as_it_found_it():
     assert all(p.grad is g for p, g in zip(params, grads))
 
 
-def test_the_replay_computes_only_the_gradients_the_job_needs(monkeypatch):
+def test_the_replay_computes_only_the_gradients_the_job_needs():
     """The backward pass of each convolution is asked for exactly the recorded gradients: the
     ceiling of an attack must not include weight gradients, nor training's the image's."""
     model, x, y = _model_and_batch()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import time
 from typing import Callable
 
@@ -73,6 +74,12 @@ def _best_call_rate(fn: Callable[[], None], units: float, min_seconds: float) ->
     return best
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a timed call includes them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 # (channels, height = width, batch) of the 3×3 convolutions the peak tries: the 256-channel one
 # alone ran below the models' own convolutions on an AMD EPYC, so the peak also tries the wider
 # and smaller shapes that small CIFAR nets use.
@@ -81,24 +88,20 @@ PEAK_CONV_SHAPES = ((256, 32, 32), (512, 16, 64), (128, 32, 64))
 
 def peak_flops(device: torch.device, min_seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
     """The best of large matmuls and 3×3 convolutions (NCHW and NHWC) in ``dtype``, measured now."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     per_kernel = min_seconds / (2 + 2 * len(PEAK_CONV_SHAPES))
     rates = []
     for n in (2048, 4096):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        rates.append(_best_call_rate(lambda: (a @ b, sync()), 2 * n ** 3, per_kernel))
+        rates.append(_best_call_rate(lambda: (a @ b, _synchronize(device)), 2 * n ** 3, per_kernel))
     with torch.no_grad():
         for channels, size, batch in PEAK_CONV_SHAPES:
             conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype)
             x = torch.randn(batch, channels, size, size, device=device, dtype=dtype)
             flops = 2 * batch * channels * channels * 9 * size * size
-            rates.append(_best_call_rate(lambda: (conv(x), sync()), flops, per_kernel))
+            rates.append(_best_call_rate(lambda: (conv(x), _synchronize(device)), flops, per_kernel))
             # channels_last reaches a faster convolution kernel (oneDNN on CPU): the peak must include it
             conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            rates.append(_best_call_rate(lambda: (conv(x), sync()), flops, per_kernel))
+            rates.append(_best_call_rate(lambda: (conv(x), _synchronize(device)), flops, per_kernel))
     return max(rates)
 
 
@@ -197,28 +200,27 @@ def convolutions_alone_seconds(calls: list[ConvolutionCall], min_seconds: float,
         saved = {name: (p.requires_grad, p.grad) for name, p in module.named_parameters()}
         for name, p in module.named_parameters():
             p.requires_grad_(name in call.weight_grads)
-        with torch.no_grad(), torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
-            grad_outputs = [torch.ones_like(module(x)) for x in inputs]
-        turn = iter(range(10 ** 12))
+        def autocast(call=call):
+            return torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast)
 
-        def sync():
-            if call.device.type == "cuda":
-                torch.cuda.synchronize()
+        with torch.no_grad(), autocast():
+            grad_outputs = [torch.ones_like(module(x)) for x in inputs]
+        turn = itertools.cycle(range(buffers))
 
         def forward():
-            with torch.no_grad(), torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
-                module(inputs[next(turn) % buffers])
-            sync()
+            with torch.no_grad(), autocast():
+                module(inputs[next(turn)])
+            _synchronize(call.device)
 
         def forward_backward():
-            i = next(turn) % buffers
-            with torch.autocast(call.device.type, dtype=torch.bfloat16, enabled=call.autocast):
+            i = next(turn)
+            with autocast():
                 out = module(inputs[i])
             out.backward(grad_outputs[i])
             inputs[i].grad = None
             for p in module.parameters():
                 p.grad = None
-            sync()
+            _synchronize(call.device)
 
         try:
             # the fastest call, as for the peak: a ceiling is not lowered by a slow spell of a shared machine
